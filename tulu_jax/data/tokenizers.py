@@ -155,8 +155,12 @@ def train_tiny_bpe(
     texts: Iterable[str],
     vocab_size: int = 512,
     special_tokens: Sequence[str] = ("<|endoftext|>", "<|pad|>"),
+    *,
+    split_digits: bool = False,
 ) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on `texts`, for toy models: special_tokens[0] is EOS, special_tokens[1] (else EOS) pad.
+
+    `split_digits` makes every digit its own token (as Llama 3 and Qwen do), which arithmetic toy models need.
 
     Special tokens take ids 0..len(special_tokens)-1; the chat template is the Tülu template. Byte-level, so any text
     can be encoded. Savable with `save_pretrained` and loadable with `load_tokenizer`.
@@ -172,7 +176,12 @@ def train_tiny_bpe(
         floor = len(alphabet) + len(special_tokens)
         raise ConfigError(f"vocab_size {vocab_size} is below the byte alphabet plus special tokens ({floor})")
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits
+        else byte_level
+    )
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.ByteLevel(trim_offsets=False)  # offsets must cover whitespace too (label spans)
     trainer = trainers.BpeTrainer(

@@ -1,0 +1,240 @@
+"""The decoder-only transformer (Llama 3.x / Qwen 2 / OLMo 2) in Flax NNX, with scanned layers and a KV cache.
+
+Layer parameters are stacked along a leading `layers` axis and the stack runs under one `jax.lax.scan`, so compile
+time does not grow with depth. Every parameter carries logical axis names (`out_sharding` metadata) only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tulu_jax.models.attention import attend, cache_mask, segment_causal_mask
+from tulu_jax.models.config import ModelConfig
+from tulu_jax.models.rope import apply_rope, rope_angles, rope_inv_freq
+
+_INIT_STD = 0.02  # transformers' initializer_range default for all three families
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys/values of every layer, k and v [L, B, S, KVH, Dh]; `index` (int32 scalar) is the next free slot."""
+
+    k: jax.Array
+    v: jax.Array
+    index: jax.Array
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, axes: tuple[int, ...] = (-1,)) -> jax.Array:
+    """RMSNorm over `axes`, computed in float32, returned in x's dtype (weight shape = x.shape over `axes`)."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=axes, keepdims=True) + eps)
+    return (weight.astype(jnp.float32) * y).astype(x.dtype)
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], dtype: str, init: str) -> nnx.Param:
+    if init == "normal":
+        value = (_INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    else:
+        value = (jnp.ones if init == "ones" else jnp.zeros)(shape, dtype)
+    # Logical names only; the mesh placement comes later from a sharding file, so no eager sharding here.
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+def layer_param_specs(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], str]]:
+    """Per-layer parameters: name -> (shape without the layers axis, logical axis names, init)."""
+    h, i, n, k, d = (config.hidden_size, config.intermediate_size, config.num_heads, config.num_kv_heads,
+                     config.head_dim)
+    specs = {
+        "attn_norm": ((h,), ("embed",), "ones"),
+        "q_proj": ((h, n, d), ("embed", "heads", "head_dim"), "normal"),
+        "k_proj": ((h, k, d), ("embed", "kv_heads", "head_dim"), "normal"),
+        "v_proj": ((h, k, d), ("embed", "kv_heads", "head_dim"), "normal"),
+        "o_proj": ((n, d, h), ("heads", "head_dim", "embed"), "normal"),
+        "mlp_norm": ((h,), ("embed",), "ones"),
+        "gate_proj": ((h, i), ("embed", "mlp"), "normal"),
+        "up_proj": ((h, i), ("embed", "mlp"), "normal"),
+        "down_proj": ((i, h), ("mlp", "embed"), "normal"),
+    }
+    if config.attention_bias:
+        specs["q_bias"] = ((n, d), ("heads", "head_dim"), "zeros")
+        specs["k_bias"] = ((k, d), ("kv_heads", "head_dim"), "zeros")
+        specs["v_bias"] = ((k, d), ("kv_heads", "head_dim"), "zeros")
+    if config.qk_norm:
+        specs["q_norm"] = ((n, d), ("heads", "head_dim"), "ones")
+        specs["k_norm"] = ((k, d), ("kv_heads", "head_dim"), "ones")
+    return specs
+
+
+class DecoderLayers(nnx.Module):
+    """All transformer blocks, each parameter stacked along a leading `layers` axis."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        self.names = tuple(layer_param_specs(config))
+        for name, (shape, axes, init) in layer_param_specs(config).items():
+            setattr(self, name, _param(rngs, (config.num_layers, *shape), ("layers", *axes), config.param_dtype,
+                                       init))
+
+    def stacked(self) -> dict[str, jax.Array]:
+        """The raw stacked arrays, name -> [L, ...]."""
+        return {name: getattr(self, name)[...] for name in self.names}
+
+
+def _block(config: ModelConfig, p: dict[str, jax.Array], h: jax.Array, cos: jax.Array, sin: jax.Array,
+           attend_fn: Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]) -> tuple[jax.Array, Any]:
+    """One transformer block on h [B, T, H] -> (h, aux).
+
+    `attend_fn(q, k, v) -> (attention output, aux)` does the masked (maybe cached) attention; aux is passed through.
+    """
+    dt, eps = config.compute_dtype, config.rms_norm_eps
+    w = {name: value.astype(dt) for name, value in p.items()}
+    pre = config.norm_placement == "pre"
+
+    x = rms_norm(h, w["attn_norm"], eps) if pre else h
+    q = jnp.einsum("bth,hnd->btnd", x, w["q_proj"])
+    k = jnp.einsum("bth,hnd->btnd", x, w["k_proj"])
+    v = jnp.einsum("bth,hnd->btnd", x, w["v_proj"])
+    if config.attention_bias:
+        q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
+    if config.qk_norm:  # OLMo 2: RMSNorm over the whole projection (all heads), before RoPE
+        q = rms_norm(q, w["q_norm"], eps, axes=(-2, -1))
+        k = rms_norm(k, w["k_norm"], eps, axes=(-2, -1))
+    q = apply_rope(q, cos, sin) * jnp.asarray(config.head_dim**-0.5, dt)
+    k = apply_rope(k, cos, sin)
+    attn, aux = attend_fn(q, k, v)
+    a = jnp.einsum("btnd,ndh->bth", attn, w["o_proj"])
+    h = h + (a if pre else rms_norm(a, w["attn_norm"], eps))
+
+    x = rms_norm(h, w["mlp_norm"], eps) if pre else h
+    m = jax.nn.silu(x @ w["gate_proj"]) * (x @ w["up_proj"])
+    m = m @ w["down_proj"]
+    return h + (m if pre else rms_norm(m, w["mlp_norm"], eps)), aux
+
+
+def _remat(config: ModelConfig, fn: Callable[..., Any]) -> Callable[..., Any]:
+    if config.remat == "none":
+        return fn
+    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if config.remat == "dots" else None
+    # prevent_cse=False is safe (and faster) inside scan, which already blocks the CSE remat guards against.
+    return jax.checkpoint(fn, policy=policy, prevent_cse=False)
+
+
+class Decoder(nnx.Module):
+    """Decoder-only LM: embeddings, scanned blocks, final RMSNorm, LM head (tied or not); float32 logits."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = config
+        pdt = config.param_dtype
+        self.embed = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), pdt, "normal")
+        self.layers = DecoderLayers(config, rngs)
+        self.final_norm = _param(rngs, (config.hidden_size,), ("embed",), pdt, "ones")
+        if not config.tie_word_embeddings:
+            self.unembed = _param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), pdt, "normal")
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                 positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+        """float32 logits [B, T, V] for int input_ids [B, T].
+
+        Either `attention_mask` (HF padding mask, 1 = token; positions default to cumsum(mask) - 1, clipped at 0)
+        or `segment_ids` (0 = padding, 1..k = packed sequences) with `positions` restarting per segment.
+        """
+        return self.lm_head(self.hidden(input_ids, attention_mask, positions=positions, segment_ids=segment_ids))
+
+    def hidden(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+               positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+        """Final-normed hidden states [B, T, H] in the compute dtype (same arguments as `__call__`)."""
+        cfg = self.config
+        positions, segment_ids = _positions_and_segments(input_ids, attention_mask, positions, segment_ids)
+        cos, sin = rope_angles(positions, rope_inv_freq(cfg))
+        mask = segment_causal_mask(segment_ids)
+
+        def body(h: jax.Array, p: dict[str, jax.Array]) -> tuple[jax.Array, None]:
+            h, _ = _block(cfg, p, h, cos, sin, lambda q, k, v: (attend(q, k, v, mask), None))
+            return h, None
+
+        h, _ = jax.lax.scan(_remat(cfg, body), self._embed(input_ids), self.layers.stacked())
+        return rms_norm(h, self.final_norm[...].astype(cfg.compute_dtype), cfg.rms_norm_eps)
+
+    def lm_head(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits [..., V] from final hidden states [..., H]."""
+        dt = self.config.compute_dtype
+        if self.config.tie_word_embeddings:
+            return jnp.einsum("...h,vh->...v", hidden.astype(dt), self.embed[...].astype(dt),
+                              preferred_element_type=jnp.float32)
+        return jnp.einsum("...h,hv->...v", hidden.astype(dt), self.unembed[...].astype(dt),
+                          preferred_element_type=jnp.float32)
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty cache of `max_len` slots for `batch` rows, in the compute dtype."""
+        cfg = self.config
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        zeros = jnp.zeros(shape, cfg.compute_dtype)
+        return KVCache(k=zeros, v=zeros, index=jnp.zeros((), jnp.int32))
+
+    def forward_cached(self, input_ids: jax.Array, positions: jax.Array, cache: KVCache,
+                       key_mask: jax.Array) -> tuple[jax.Array, KVCache]:
+        """Run T new tokens [B, T] against the cache; returns float32 logits [B, T, V] and the advanced cache.
+
+        Writes the new keys/values at slots [index, index+T); the query at slot index+t attends to slot j iff
+        key_mask[b, j] (bool [B, S]) and j <= index+t. `index` advances by T. Shapes are static, `index` dynamic.
+        """
+        cfg = self.config
+        t = input_ids.shape[1]
+        index = cache.index
+        cos, sin = rope_angles(positions, rope_inv_freq(cfg))
+        mask = cache_mask(key_mask, index, t)
+
+        def body(carry: tuple[jax.Array, jax.Array, jax.Array],
+                 xs: tuple[dict[str, jax.Array], jax.Array]) -> tuple[tuple[jax.Array, jax.Array, jax.Array], None]:
+            h, k_all, v_all = carry
+            p, layer = xs
+
+            def attend_cached(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, Any]:
+                # Write this layer's new keys/values in place into the full cache (the carry, so XLA updates it
+                # without copying), then attend over this layer's slots.
+                start = (layer, 0, index, 0, 0)
+                k_new = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], start)
+                v_new = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], start)
+                keys = jax.lax.dynamic_index_in_dim(k_new, layer, keepdims=False)
+                values = jax.lax.dynamic_index_in_dim(v_new, layer, keepdims=False)
+                return attend(q, keys, values, mask), (k_new, v_new)
+
+            h, (k_all, v_all) = _block(cfg, p, h, cos, sin, attend_cached)
+            return (h, k_all, v_all), None
+
+        layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (h, k_all, v_all), _ = jax.lax.scan(body, (self._embed(input_ids), cache.k, cache.v),
+                                            (self.layers.stacked(), layers))
+        h = rms_norm(h, self.final_norm[...].astype(cfg.compute_dtype), cfg.rms_norm_eps)
+        return self.lm_head(h), KVCache(k=k_all, v=v_all, index=index + t)
+
+    def _embed(self, input_ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embed[...], input_ids, axis=0).astype(self.config.compute_dtype)
+
+
+def _positions_and_segments(input_ids: jax.Array, attention_mask: jax.Array | None, positions: jax.Array | None,
+                            segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Resolve the (positions, segment_ids) pair both forward modes reduce to."""
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+    if attention_mask is not None and segment_ids is not None:
+        raise ValueError("pass either attention_mask or segment_ids, not both")
+    if segment_ids is not None:
+        if positions is None:
+            raise ValueError("segment_ids need positions (restarting at 0 in each packed segment)")
+        return positions, segment_ids.astype(jnp.int32)
+    if attention_mask is not None:
+        segments = (attention_mask != 0).astype(jnp.int32)
+        if positions is None:
+            # As transformers' generate: left-padded rows start at position 0 on their first real token.
+            positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0)
+        return positions, segments
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+    return positions, jnp.ones(input_ids.shape, jnp.int32)
