@@ -1,0 +1,1 @@
+"""Reinforcement learning with verifiable rewards (RLVR): the verifiers live in ``tulu_jax.rl.verifiers``."""

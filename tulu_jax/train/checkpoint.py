@@ -1,0 +1,235 @@
+"""Checkpoints of a TrainState plus data-iterator state and run metadata, on top of orbax's CheckpointManager.
+
+Layout of one step directory (orbax Composite): `state/` (params, model_state, opt_state, step, rng; sharded
+arrays via StandardSave), `data/process_<i>-of-<n>.json` (each process's data-iterator `get_state()`, since every
+host of a pod reads its own shard of the data; bytes are base64-encoded) and `metadata/` (a JSON dict, e.g. the
+run config). orbax writes each step into a `*.orbax-checkpoint-tmp` folder and renames it when complete (on
+object stores it writes a commit marker instead), so an interrupted save is never listed nor restored.
+
+Restores take an abstract target (sharded `jax.ShapeDtypeStruct`s or live arrays): arrays are read straight into
+the target's shardings, which may belong to a different mesh than the one that saved them. Shapes and dtypes are
+checked against the checkpoint first, and a mismatch raises CheckpointError naming the parameter.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from tulu_jax.errors import CheckpointError
+from tulu_jax.train.state import TrainState, path_name
+
+_STATE_FIELDS = ("params", "model_state", "opt_state", "step", "rng")
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """What `Checkpointer.restore` returns."""
+
+    step: int
+    state: TrainState
+    data_state: dict | bytes | None
+    metadata: dict
+
+
+def _state_dict(state: TrainState) -> dict[str, Any]:
+    return {name: getattr(state, name) for name in _STATE_FIELDS}
+
+
+def _encode_data_state(data_state: dict | bytes | None) -> dict[str, Any]:
+    if data_state is None:
+        return {"format": "none"}
+    if isinstance(data_state, bytes):
+        return {"format": "bytes", "value": base64.b64encode(data_state).decode("ascii")}
+    if isinstance(data_state, dict):
+        return {"format": "json", "value": data_state}
+    raise TypeError(f"data-iterator state must be a dict, bytes or None, got {type(data_state).__name__}")
+
+
+def _decode_data_state(stored: dict[str, Any]) -> dict | bytes | None:
+    fmt = stored.get("format")
+    if fmt == "none":
+        return None
+    if fmt == "bytes":
+        return base64.b64decode(stored["value"])
+    if fmt == "json":
+        return stored["value"]
+    raise CheckpointError(f"data-iterator state has unknown format {fmt!r}")
+
+
+def _process_file(directory: Any) -> Any:
+    return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+    """orbax handler writing each process's data-iterator state to its own JSON file (any process count)."""
+
+    def save(self, directory: Any, args: "DataStateSave") -> None:
+        """Write this process's encoded iterator state."""
+        _process_file(directory).write_text(json.dumps(_encode_data_state(args.state)))
+
+    def restore(self, directory: Any, args: "DataStateRestore | None" = None) -> dict | bytes | None:
+        """Read this process's iterator state; the checkpoint must come from as many processes as run now."""
+        path = _process_file(directory)
+        if not path.exists():
+            raise CheckpointError(
+                f"{path} is missing: the checkpoint's data state was saved by a different number of processes "
+                f"than the {jax.process_count()} running now"
+            )
+        return _decode_data_state(json.loads(path.read_text()))
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+    """Save args of DataStateHandler."""
+
+    state: dict | bytes | None
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+    """Restore args of DataStateHandler."""
+
+
+def _abstract(leaf: Any) -> jax.ShapeDtypeStruct:
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is None:
+        raise CheckpointError(f"restore target leaf {leaf!r} has no sharding: pass sharded arrays or ShapeDtypeStructs")
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+
+class Checkpointer:
+    """Saves and restores TrainStates (plus iterator state and metadata) under `directory/<step>/`.
+
+    Keeps the last `max_to_keep` checkpoints. `save(..., force=False)` only writes on multiples of
+    `save_interval_steps`. Saves are asynchronous by default: the device-to-host copy happens inside `save`, the
+    file writing in the background; `wait()` blocks until it is on disk.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int | None = 3,
+        save_interval_steps: int = 1,
+        async_save: bool = True,
+    ):
+        self.directory = epath.Path(directory)  # local or cloud storage (gs://...)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            save_interval_steps=save_interval_steps,
+            enable_async_checkpointing=async_save,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": DataStateHandler(),
+                "metadata": ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    def all_steps(self) -> list[int]:
+        """Steps of the finalized checkpoints on disk, ascending."""
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest finalized step, or None when there is no checkpoint."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def save(
+        self,
+        step: int,
+        state: TrainState,
+        *,
+        data_state: dict | bytes | None = None,
+        metadata: dict | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Save `state` as checkpoint `step`; returns whether a save was started (interval policy unless `force`)."""
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_state_dict(state)),
+                data=DataStateSave(data_state),
+                metadata=ocp.args.JsonSave(dict(metadata or {})),
+            ),
+            force=force,
+        )
+
+    def _check_target(self, step: int, target: dict[str, Any]) -> None:
+        stored_tree = self._manager.item_metadata(step)["state"].tree
+        stored = {
+            path_name(path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(stored_tree)[0]
+            if hasattr(leaf, "shape")
+        }
+        wanted = {path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
+        missing, unexpected = sorted(wanted.keys() - stored.keys()), sorted(stored.keys() - wanted.keys())
+        if missing or unexpected:
+            raise CheckpointError(
+                f"checkpoint {self.directory}/{step} does not match the model: missing {missing[:10]}, "
+                f"unexpected {unexpected[:10]}"
+            )
+        mismatches = [
+            f"{name} is {stored[name].dtype}{list(stored[name].shape)} on disk but the model expects "
+            f"{leaf.dtype}{list(leaf.shape)}"
+            for name, leaf in sorted(wanted.items(), key=lambda item: not item[0].startswith("params."))
+            if tuple(stored[name].shape) != tuple(leaf.shape) or np.dtype(stored[name].dtype) != np.dtype(leaf.dtype)
+        ]
+        if mismatches:
+            raise CheckpointError(
+                f"checkpoint {self.directory}/{step}: {len(mismatches)} arrays do not match the model: "
+                + "; ".join(mismatches[:5])
+            )
+
+    def restore(self, step: int | None = None, *, target: TrainState) -> Restored:
+        """Restore checkpoint `step` (default: the latest) into the shapes, dtypes and shardings of `target`.
+
+        `target` is a TrainState of sharded jax.Arrays or sharded jax.ShapeDtypeStructs (see
+        `state.with_shardings`); its shardings may come from a different mesh than the saved ones.
+        """
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise CheckpointError(f"no finalized checkpoint in {self.directory}")
+        elif step not in self.all_steps():
+            raise CheckpointError(f"no finalized checkpoint for step {step} in {self.directory}")
+        abstract = jax.tree.map(_abstract, _state_dict(target))
+        self._check_target(step, abstract)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract),
+                data=DataStateRestore(),
+                metadata=ocp.args.JsonRestore(),
+            ),
+        )
+        state = TrainState(graphdef=target.graphdef, **restored["state"])
+        return Restored(
+            step=step,
+            state=state,
+            data_state=restored["data"],
+            metadata=dict(restored["metadata"] or {}),
+        )
+
+    def wait(self) -> None:
+        """Block until every started save is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Wait for pending saves and release orbax's resources."""
+        self._manager.close()
