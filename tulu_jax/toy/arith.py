@@ -15,6 +15,9 @@ from typing import Iterator
 NAMES = ("Ava", "Ben", "Cleo", "Dan", "Eli", "Fay", "Gus", "Hana", "Ivy", "Jon", "Kim", "Leo", "Mia", "Ned", "Oli")
 ITEMS = ("apples", "books", "coins", "pens", "shells", "stamps", "cards", "eggs", "kites", "rocks")
 
+# Single-digit operands: a tiny decoder learns these tables in a few CPU minutes, but not from a handful of steps.
+DEFAULT_MAX_OPERAND = 9
+
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
@@ -30,33 +33,33 @@ class Problem:
         return self.question
 
 
-def _add(rng: random.Random) -> Problem:
+def _add(rng: random.Random, n: int) -> Problem:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    a, b = rng.randint(2, 40), rng.randint(2, 40)
+    a, b = rng.randint(1, n), rng.randint(1, n)
     q = f"{name} has {a} {item} and finds {b} more. How many {item} does {name} have now?"
     return Problem(q, f"{a} + {b} = {a + b}. The answer is {a + b}.", a + b)
 
 
-def _sub(rng: random.Random) -> Problem:
+def _sub(rng: random.Random, n: int) -> Problem:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    a = rng.randint(10, 60)
+    a = rng.randint(2, 2 * n)
     b = rng.randint(1, a - 1)
     q = f"{name} has {a} {item} and gives away {b}. How many {item} are left?"
     return Problem(q, f"{a} - {b} = {a - b}. The answer is {a - b}.", a - b)
 
 
-def _mul(rng: random.Random) -> Problem:
+def _mul(rng: random.Random, n: int) -> Problem:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    a, b = rng.randint(2, n), rng.randint(2, n)
     q = f"{name} buys {a} bags with {b} {item} in each bag. How many {item} does {name} buy?"
     return Problem(q, f"{a} * {b} = {a * b}. The answer is {a * b}.", a * b)
 
 
-def _add_sub(rng: random.Random) -> Problem:
+def _add_sub(rng: random.Random, n: int) -> Problem:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    a, b = rng.randint(2, 30), rng.randint(2, 30)
-    c = rng.randint(1, a + b - 1)
+    a, b = rng.randint(1, n), rng.randint(1, n)
     s = a + b
+    c = rng.randint(1, s - 1)
     q = f"{name} has {a} {item}, gets {b} more, then loses {c}. How many {item} does {name} have?"
     return Problem(q, f"{a} + {b} = {s}. {s} - {c} = {s - c}. The answer is {s - c}.", s - c)
 
@@ -64,30 +67,62 @@ def _add_sub(rng: random.Random) -> Problem:
 _TEMPLATES = (_add, _sub, _mul, _add_sub)
 
 
-def generate_problems(n: int, seed: int, *, exclude: frozenset[str] = frozenset()) -> list[Problem]:
-    """`n` distinct problems, deterministic in `seed`, none of whose questions is in `exclude`."""
+def generate_problems(
+    n: int, seed: int, *, max_operand: int = DEFAULT_MAX_OPERAND, exclude: frozenset[str] = frozenset()
+) -> list[Problem]:
+    """`n` distinct problems, deterministic in `seed`, none of whose questions is in `exclude`.
+
+    Operands are at most `max_operand` (subtraction starts from up to twice that). ValueError when `n` distinct
+    problems are out of reach (the world is finite: templates × names × items × operands)."""
+    if max_operand < 2:
+        raise ValueError(f"max_operand must be >= 2, got {max_operand}")
     rng = random.Random(seed)
     seen: set[str] = set(exclude)
     out: list[Problem] = []
+    misses = 0
     while len(out) < n:
-        problem = rng.choice(_TEMPLATES)(rng)
+        problem = rng.choice(_TEMPLATES)(rng, max_operand)
         if problem.key in seen:
+            misses += 1
+            if misses > 100 * n + 1000:  # nearly every draw is taken: the request exceeds the world
+                raise ValueError(f"cannot draw {n} distinct problems with max_operand={max_operand}")
             continue
         seen.add(problem.key)
         out.append(problem)
     return out
 
 
-def train_eval_split(n_train: int, n_eval: int, seed: int) -> tuple[list[Problem], list[Problem]]:
+def train_eval_split(
+    n_train: int, n_eval: int, seed: int, *, max_operand: int = DEFAULT_MAX_OPERAND
+) -> tuple[list[Problem], list[Problem]]:
     """Disjoint train and held-out problem sets (the held-out set is drawn first, from its own stream)."""
-    held_out = generate_problems(n_eval, seed=seed * 7919 + 1)
-    train = generate_problems(n_train, seed=seed, exclude=frozenset(p.key for p in held_out))
+    held_out = generate_problems(n_eval, seed=seed * 7919 + 1, max_operand=max_operand)
+    train = generate_problems(
+        n_train, seed=seed, max_operand=max_operand, exclude=frozenset(p.key for p in held_out)
+    )
     return train, held_out
 
 
 def pretrain_text(problem: Problem) -> str:
     """Plain text for the base model: the question and its solution, no chat template."""
     return f"{problem.question}\n{problem.solution}"
+
+
+def pretrain_documents(problems: list[Problem], seed: int, *, min_per_doc: int = 2, max_per_doc: int = 4) -> list[str]:
+    """Plain-text documents for the base model, each several problems with their solutions in a row.
+
+    A document never ends after its first solution, so the base model learns to go on with another problem, as a
+    pretrained model does: stopping after one answer is what SFT teaches. Every problem is used once, in order.
+    """
+    if not 1 <= min_per_doc <= max_per_doc:
+        raise ValueError(f"need 1 <= min_per_doc <= max_per_doc, got {min_per_doc}, {max_per_doc}")
+    rng = random.Random(seed)
+    docs, start = [], 0
+    while start < len(problems):
+        size = rng.randint(min_per_doc, max_per_doc)
+        docs.append("\n\n".join(pretrain_text(p) for p in problems[start:start + size]))
+        start += size
+    return docs
 
 
 def sft_row(problem: Problem) -> dict:

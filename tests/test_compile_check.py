@@ -1,0 +1,88 @@
+"""`tulu-jax compile-check`: the real SFT train step compiled for a TPU topology (v5p:2x2x1) from this CPU host,
+with its per-device memory against the chip's HBM, and a plain "does NOT fit" (exit 1) when it cannot fit."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from tulu_jax import cli
+from tulu_jax.sharding import load_sharding, tpu_topology_mesh
+from tulu_jax.stages import sft
+from tulu_jax.stages.common import load_stage_config
+from tulu_jax.stages import compile_check as compile_check_module
+from tulu_jax.stages.compile_check import compile_check, format_result
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TINY_CONFIG = str(REPO / "configs" / "tiny_sft.yaml")
+V5P_8 = str(REPO / "sharding" / "v5p-8.yaml")
+
+
+@pytest.fixture(autouse=True)
+def quiet_libtpu(monkeypatch):
+    """What the CLI sets before JAX starts (here JAX already runs in-process): no Cloud TPU VM probing."""
+    for key, value in cli.QUIET_LIBTPU.items():
+        monkeypatch.setenv(key, value)
+
+
+def per_device_bytes(tree) -> int:
+    """Σ over leaves of one device's shard size, from the abstract arrays' shardings."""
+    return sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_result():
+    """The tiny config's SFT step compiled for v5p:2x2x1 (4 chips), once for the module."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in cli.QUIET_LIBTPU.items():
+            mp.setenv(key, value)
+        return compile_check("sft", TINY_CONFIG, V5P_8)
+
+
+def test_tiny_sft_step_compiles_for_v5p_and_reports_memory(tiny_result, monkeypatch, capsys):
+    # The command prints the result of the real compilation (reused here) and exits 0 when it fits.
+    monkeypatch.setattr(compile_check_module, "compile_check", lambda *args: tiny_result)
+    assert cli.main(["compile-check", "--config", TINY_CONFIG, "--sharding", V5P_8]) == 0
+    out = capsys.readouterr().out
+    assert out == format_result(tiny_result, "v5p:2x2x1") + "\n"
+    assert "compiled for v5p:2x2x1" in out and "per-device memory on TPU v5:" in out
+    for label in ("arguments", "temporaries", "outputs", "total"):
+        assert f"  {label}" in out
+    assert "of 95 GiB HBM" in out and out.rstrip().endswith("fits")
+    # 16 sequences over the 4 chips' batch shards: 4 per device in one micro-batch
+    assert "global batch 16 × 128 tokens, 1 micro-batches of 4 sequence(s) per device" in out
+
+
+def test_memory_report_accounts_for_the_sharded_state_and_batch(tiny_result):
+    config = load_stage_config(sft.SFTConfig, TINY_CONFIG)
+    spec = load_sharding(V5P_8)
+    _, (state, batch), _ = sft.aot_train_step(config, tpu_topology_mesh(spec), spec)
+    report = tiny_result.report
+    assert tiny_result.fits and report["device_kind"] == "TPU v5" and report["hbm_bytes"] == 95 * 2**30
+    # The state is donated (aliased to the new state); the rest of the arguments is this device's batch shard.
+    assert report["argument_bytes"] - report["alias_bytes"] == per_device_bytes(batch) == 4 * 128 * (4 * 4 + 1)
+    assert report["alias_bytes"] >= per_device_bytes(state)  # TPU tiles small arrays: padded, never smaller
+    assert report["total_bytes"] == (report["argument_bytes"] + report["output_bytes"] - report["alias_bytes"]
+                                     + report["temp_bytes"] + report["generated_code_bytes"])
+
+
+def test_a_step_that_does_not_fit_says_so_and_exits_1(capsys):
+    # 256 sequences of 4096 tokens per chip without remat: hundreds of GiB of activations.
+    argv = ["compile-check", "--config", TINY_CONFIG, "--sharding", V5P_8,
+            "--set", "train.global_batch_size=1024", "--set", "data.max_seq_len=4096"]
+    assert cli.main(argv) == 1
+    captured = capsys.readouterr()
+    assert "does NOT fit" in captured.out and "RESOURCE_EXHAUSTED" in captured.out
+    assert "Traceback" not in captured.out + captured.err
+
+
+def test_a_sharding_file_without_topology_is_a_config_error(capsys):
+    cpu8 = str(REPO / "sharding" / "cpu-8.yaml")
+    assert cli.main(["compile-check", "--config", TINY_CONFIG, "--sharding", cpu8]) == 1
+    assert "'topology' is not set" in capsys.readouterr().err
