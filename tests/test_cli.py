@@ -144,7 +144,7 @@ def test_on_error_skip_reports_the_counts(tmp_path, capsys, monkeypatch):
 
 def test_rows_without_supervised_tokens_and_truncation_are_counted(tmp_path):
     from tulu_jax.data.tokenizers import load_tokenizer
-    from tulu_jax.stages.common import DataSection, SourceSection
+    from tulu_jax.stages.common import SourceSection
 
     rows = [
         {"messages": [{"role": "user", "content": "a long question " * 20}, {"role": "assistant", "content": "yes"}]},
@@ -154,7 +154,7 @@ def test_rows_without_supervised_tokens_and_truncation_are_counted(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tokenizer = load_tokenizer(resolve_path("tulu_jax/assets/tiny_tokenizer"))
-    data = DataSection(sources=[SourceSection(path=str(path), weight=2.0)], max_seq_len=24, shuffle=False)
+    data = sft.SFTDataSection(sources=[SourceSection(path=str(path), weight=2.0)], max_seq_len=24, shuffle=False)
     kept, report = sft.prepare_sft_data(data, tokenizer, "tulu")
     # Each row twice (weight 2): the first loses its answer to truncation, the third is cut but keeps some.
     assert (report.rows, report.kept, report.no_supervised_tokens, report.truncated) == (6, 4, 2, 2)

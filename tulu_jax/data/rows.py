@@ -115,6 +115,18 @@ def validate_sft_row(data: Any, *, file: str | None = None, row: int | None = No
     validate_messages(data["messages"], file=file, row=row)
 
 
+def validate_text_row(data: Any, *, file: str | None = None, row: int | None = None) -> None:
+    """Raises DataError unless `data` is an object with a non-empty string `text` (a plain-text document)."""
+    if not isinstance(data, Mapping):
+        raise DataError(f"expected a JSON object, got {type(data).__name__}", file=file, row=row)
+    if "text" not in data:
+        raise DataError("missing field", file=file, row=row, field="text")
+    if not isinstance(data["text"], str):
+        raise DataError(f"expected a string, got {type(data['text']).__name__}", file=file, row=row, field="text")
+    if not data["text"].strip():
+        raise DataError("empty document", file=file, row=row, field="text")
+
+
 class _Unreadable:
     """A raw record that could not be decoded (bad JSON or bad UTF-8): reported as a row error."""
 

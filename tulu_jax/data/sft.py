@@ -120,6 +120,18 @@ def tokenize_sft(
     return {"input_ids": input_ids, "labels": labels}
 
 
+def tokenize_text(text: str, tokenizer: PreTrainedTokenizerBase, *, max_seq_len: int) -> dict[str, np.ndarray]:
+    """A plain-text document for next-token prediction (pretraining): its tokens then EOS, every one supervised,
+    truncated to the first max_seq_len tokens. Same output as `tokenize_sft`."""
+    if max_seq_len < 1:
+        raise ConfigError(f"max_seq_len must be >= 1, got {max_seq_len}")
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("plain-text rows need a tokenizer with an EOS token (it ends every document)")
+    ids = [*tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    input_ids = np.asarray(ids[:max_seq_len], dtype=np.int32)
+    return {"input_ids": input_ids, "labels": input_ids.copy()}
+
+
 def tokenize_prompt(
     messages: Sequence[Mapping[str, Any]],
     tokenizer: PreTrainedTokenizerBase,

@@ -57,6 +57,14 @@ _NO_TRUNCATION = sys.maxsize
 
 
 @dataclasses.dataclass
+class SFTDataSection(DataSection):
+    """`data` of SFT: the shared fields plus format, `chat` (`messages` rows; loss on assistant turns only) or `text`
+    (`{"text": ...}` documents; loss on every token and the EOS that ends each: next-token pretraining)."""
+
+    format: Literal["chat", "text"] = "chat"
+
+
+@dataclasses.dataclass
 class SFTTrainSection(TrainSection):
     """`train` of SFT: the shared fields plus loss_reduction, `sum` (Σ NLL / sequences, the recipe) or `mean`
     (Σ NLL / supervised tokens), both over the global batch."""
@@ -70,7 +78,7 @@ class SFTConfig:
 
     model: ModelSection
     tokenizer: TokenizerSection = dataclasses.field(default_factory=TokenizerSection)
-    data: DataSection = dataclasses.field(default_factory=DataSection)
+    data: SFTDataSection = dataclasses.field(default_factory=SFTDataSection)
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
     train: SFTTrainSection = dataclasses.field(default_factory=SFTTrainSection)
     output: OutputSection = dataclasses.field(default_factory=OutputSection)
@@ -105,14 +113,15 @@ class SFTDataReport:
 
 
 def tokenize_rows(
-    rows: Sequence[Any], tokenizer: Any, *, max_seq_len: int, template: str, on_error: str
+    rows: Sequence[Any], tokenizer: Any, *, max_seq_len: int, template: str, on_error: str,
+    format: Literal["chat", "text"] = "chat",
 ) -> tuple[list[dict[str, np.ndarray]], SFTDataReport]:
     """`tulu_jax.data.rows.Row`s → tokenized {input_ids, labels} rows, truncated to max_seq_len.
 
     A row repeated by the mixture is tokenized once. Rows with no supervised token left are dropped and counted;
-    a DataError raises (on_error="raise") or skips and counts the row.
+    a DataError raises (on_error="raise") or skips and counts the row. format "text": every token is supervised.
     """
-    from tulu_jax.data.sft import IGNORE_INDEX, tokenize_sft
+    from tulu_jax.data.sft import IGNORE_INDEX, tokenize_sft, tokenize_text
 
     report = SFTDataReport(source_summaries=[])
     cache: dict[tuple[str, int], dict[str, np.ndarray] | None | DataError] = {}
@@ -121,8 +130,11 @@ def tokenize_rows(
         key = (row.file, row.index)
         if key not in cache:
             try:
-                full = tokenize_sft(row.data["messages"], tokenizer, max_seq_len=_NO_TRUNCATION, template=template,
-                                    file=row.file, row=row.index)
+                if format == "text":
+                    full = tokenize_text(row.data["text"], tokenizer, max_seq_len=_NO_TRUNCATION)
+                else:
+                    full = tokenize_sft(row.data["messages"], tokenizer, max_seq_len=_NO_TRUNCATION,
+                                        template=template, file=row.file, row=row.index)
             except DataError as error:
                 if on_error == "raise":
                     raise
@@ -147,15 +159,18 @@ def tokenize_rows(
 
 
 def prepare_sft_data(
-    data: DataSection, tokenizer: Any, template: str
+    data: SFTDataSection, tokenizer: Any, template: str
 ) -> tuple[list[dict[str, np.ndarray]], SFTDataReport]:
     """Read and mix `data.sources`, then tokenize (see `tokenize_rows`); the report carries every count."""
-    from tulu_jax.data.rows import Source, mix_sources
+    from tulu_jax.data.rows import Source, mix_sources, validate_sft_row, validate_text_row
 
     sources = [Source(str(resolve_path(s.path)), weight=s.weight, rows=s.rows, split=s.split) for s in data.sources]
-    mixture, stats = mix_sources(sources, seed=data.seed, on_error=data.on_error, shuffle=data.shuffle)
+    validate = validate_text_row if data.format == "text" else validate_sft_row
+    mixture, stats = mix_sources(sources, seed=data.seed, on_error=data.on_error, shuffle=data.shuffle,
+                                 validate=validate)
     rows, report = tokenize_rows(
-        mixture, tokenizer, max_seq_len=data.max_seq_len, template=template, on_error=data.on_error
+        mixture, tokenizer, max_seq_len=data.max_seq_len, template=template, on_error=data.on_error,
+        format=data.format,
     )
     report.source_summaries = [s.summary() for s in stats]
     return rows, report

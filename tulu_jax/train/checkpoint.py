@@ -124,7 +124,8 @@ class Checkpointer:
         save_interval_steps: int = 1,
         async_save: bool = True,
     ):
-        self.directory = epath.Path(directory)  # local or cloud storage (gs://...)
+        # Local or cloud storage (gs://...); orbax wants local paths absolute.
+        self.directory = epath.Path(directory if "://" in os.fspath(directory) else os.path.abspath(directory))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             save_interval_steps=save_interval_steps,
