@@ -138,3 +138,14 @@ def test_data_state_from_another_process_count_is_an_error(tmp_path):
     with pytest.raises(CheckpointError, match="different number of processes"):
         ckpt.restore(target=shardings_target(state))
     ckpt.close()
+
+
+def test_a_relative_directory_works_from_the_working_directory(tmp_path, monkeypatch):
+    """Configs give run dirs relative to where the command runs (`runs/tiny_sft`); orbax needs absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    state = saved_state()
+    ckpt = Checkpointer("runs/relative/checkpoints", async_save=False)
+    assert ckpt.save(3, state)
+    assert (tmp_path / "runs/relative/checkpoints/3").is_dir()
+    restored = Checkpointer("runs/relative/checkpoints").restore(target=state)
+    assert restored.step == 3

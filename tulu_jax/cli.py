@@ -56,6 +56,15 @@ def convert_arguments(parser: argparse.ArgumentParser) -> None:
     to_hf.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="tensor dtype in the files")
 
 
+def pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    """`tulu-jax pipeline`: a pipeline config, where it runs, and whether to continue a run directory."""
+    parser.add_argument("--config", required=True, help="pipeline config YAML (configs/tiny_arith.yaml)")
+    parser.add_argument("--sharding", default="sharding/cpu-1.yaml", help="sharding file (default: one CPU device)")
+    parser.add_argument("--resume", action="store_true", help="continue a run directory: skip finished stages")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set sft.optim.lr=1e-3 (repeatable)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Command:
     """A subcommand: `target` is "module:function" (imported when the command runs), `arguments` adds its flags;
@@ -89,7 +98,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "pipeline": Command(
         "tulu_jax.stages.pipeline:main", "the recipe end to end on a toy world, evaluated after every stage",
-        lambda p: importlib.import_module("tulu_jax.stages.pipeline").add_arguments(p),
+        pipeline_arguments,
     ),
     "compile-check": Command(
         "tulu_jax.stages.compile_check:main",

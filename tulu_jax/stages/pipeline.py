@@ -460,15 +460,6 @@ def run_pipeline(config: PipelineConfig, sharding: str, *, resume: bool = False,
     return rows
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `tulu-jax pipeline`."""
-    parser.add_argument("--config", required=True, help="pipeline config YAML (configs/tiny_arith.yaml)")
-    parser.add_argument("--sharding", default="sharding/cpu-1.yaml", help="sharding file (default: one CPU device)")
-    parser.add_argument("--resume", action="store_true", help="continue a run directory: skip finished stages")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set sft.optim.lr=1e-3 (repeatable)")
-
-
 def main(args: argparse.Namespace) -> int:
     """`tulu-jax pipeline`."""
     config = load_pipeline_config(args.config, tuple(args.overrides))
