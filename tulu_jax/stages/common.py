@@ -42,6 +42,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from tulu_jax.config import dump_config, load_config
+from tulu_jax.data.rows import Source
 from tulu_jax.errors import ConfigError
 from tulu_jax.models.config import ModelConfig, load_hf_config
 from tulu_jax.models.decoder import Decoder
@@ -158,12 +159,14 @@ class SourceSection:
     split: str = "train"
 
     def __post_init__(self) -> None:
-        if self.weight is not None and self.rows is not None:
-            raise ValueError(f"source {self.path}: give 'weight' or 'rows', not both")
-        if self.weight is not None and not (math.isfinite(self.weight) and self.weight >= 0):
-            raise ValueError(f"source {self.path}: 'weight' must be a finite number >= 0, got {self.weight}")
-        if self.rows is not None and self.rows < 0:
-            raise ValueError(f"source {self.path}: 'rows' must be >= 0, got {self.rows}")
+        try:  # tulu_jax.data.rows.Source holds the rules; the config loader reports a ValueError with its key
+            self.to_source()
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+
+    def to_source(self) -> Source:
+        """The mixture source this section describes (path resolved like every config path)."""
+        return Source(str(resolve_path(self.path)), weight=self.weight, rows=self.rows, split=self.split)
 
 
 @dataclasses.dataclass

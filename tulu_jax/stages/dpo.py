@@ -49,7 +49,6 @@ from tulu_jax.stages.common import (
     num_train_steps,
     resolve_grad_accum,
     resolve_model_config,
-    resolve_path,
     setup_mesh,
     train_and_export,
 )
@@ -280,14 +279,12 @@ def run_dpo(config: DPOConfig, sharding_path: str, *, devices: Sequence[Any] | N
     from tulu_jax.data.pipeline import PipelineConfig, batch_iterator
     from tulu_jax.data.preference import load_preference_pairs
     from tulu_jax.data.preference_batching import add_reference, preference_dataset
-    from tulu_jax.data.rows import Source
 
     spec, mesh = setup_mesh(sharding_path, devices)
     tokenizer = load_stage_tokenizer(config.tokenizer, config.model)
     model_config = resolve_model_config(config.model, tokenizer)
     accum = resolve_grad_accum(config.train, mesh, spec)
-    sources = [Source(str(resolve_path(s.path)), weight=s.weight, rows=s.rows, split=s.split)
-               for s in config.data.sources]
+    sources = [s.to_source() for s in config.data.sources]
     pairs, stats = load_preference_pairs(
         sources, tokenizer, max_seq_len=config.data.max_seq_len, template=config.tokenizer.chat_template,
         seed=config.data.seed, on_error=config.data.on_error, shuffle=config.data.shuffle,

@@ -38,7 +38,6 @@ from tulu_jax.stages.common import (
     num_train_steps,
     resolve_grad_accum,
     resolve_model_config,
-    resolve_path,
     setup_mesh,
     train_and_export,
 )
@@ -162,9 +161,9 @@ def prepare_sft_data(
     data: SFTDataSection, tokenizer: Any, template: str
 ) -> tuple[list[dict[str, np.ndarray]], SFTDataReport]:
     """Read and mix `data.sources`, then tokenize (see `tokenize_rows`); the report carries every count."""
-    from tulu_jax.data.rows import Source, mix_sources, validate_sft_row, validate_text_row
+    from tulu_jax.data.rows import mix_sources, validate_sft_row, validate_text_row
 
-    sources = [Source(str(resolve_path(s.path)), weight=s.weight, rows=s.rows, split=s.split) for s in data.sources]
+    sources = [s.to_source() for s in data.sources]
     validate = validate_text_row if data.format == "text" else validate_sft_row
     mixture, stats = mix_sources(sources, seed=data.seed, on_error=data.on_error, shuffle=data.shuffle,
                                  validate=validate)
