@@ -16,7 +16,7 @@ import json
 import math
 import os
 import pathlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -212,8 +212,16 @@ def iter_rows(
     A bad row raises DataError (on_error="raise") or is skipped and counted (on_error="skip").
     `split` picks the split of a saved DatasetDict.
     """
+    return validated_rows(_records(pathlib.Path(path), split), stats, on_error=on_error, validate=validate)
+
+
+def validated_rows(
+    records: Iterable[tuple[str, int, Any]], stats: RowStats, *, on_error: OnError = "raise",
+    validate: Validator = validate_sft_row,
+) -> Iterator[Row]:
+    """The valid rows among (file, row index, record) triples, counting into `stats` (see `iter_rows`)."""
     _check_on_error(on_error)
-    for file, index, record in _records(pathlib.Path(path), split):
+    for file, index, record in records:
         stats.rows += 1
         try:
             if isinstance(record, _Unreadable):

@@ -27,10 +27,10 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from tulu_jax.data.rows import OnError, Row, RowStats, iter_rows, validate_messages
+from tulu_jax.data.rows import OnError, Row, RowStats, iter_rows, validate_messages, validated_rows
 from tulu_jax.data.sft import tokenize_prompt
 from tulu_jax.data.templates import NAMED_TEMPLATES, apply_chat_template
-from tulu_jax.errors import ConfigError, DataError
+from tulu_jax.errors import DataError
 from tulu_jax.rl.verifiers import DEFAULT_TIMEOUT_S, extract_answer, score_batch
 from tulu_jax.rl.verifiers.registry import get_verifier
 
@@ -73,19 +73,8 @@ def validate_eval_row(data: Any, *, file: str | None = None, row: int | None = N
 
 def _in_memory_rows(rows: Sequence[Mapping[str, Any]], stats: RowStats, on_error: OnError) -> Iterator[Row]:
     """`iter_rows` for rows given as Python objects (numbered from 0 by their index)."""
-    if on_error not in ("raise", "skip"):
-        raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    for index, data in enumerate(rows):
-        stats.rows += 1
-        try:
-            validate_eval_row(data, file=IN_MEMORY, row=index)
-        except DataError as err:
-            if on_error == "raise":
-                raise
-            stats.record_skip(err)
-            continue
-        stats.valid += 1
-        yield Row(dict(data), IN_MEMORY, index)
+    records = ((IN_MEMORY, index, dict(data) if isinstance(data, Mapping) else data) for index, data in enumerate(rows))
+    return validated_rows(records, stats, on_error=on_error, validate=validate_eval_row)
 
 
 def load_eval_rows(

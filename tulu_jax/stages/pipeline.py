@@ -34,6 +34,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import yaml
+
 from tulu_jax.config import dump_config, from_dict, load_config
 from tulu_jax.errors import ConfigError, DataError
 from tulu_jax.stages.common import ModelSection
@@ -431,7 +433,7 @@ def run_pipeline(config: PipelineConfig, sharding: str, *, resume: bool = False,
         raise ConfigError(f"{run_dir} already holds finished stages {finished}: pass --resume to continue it, "
                           "or choose another run_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "pipeline.yaml").write_text(json.dumps(dump_config(config), indent=2))
+    (run_dir / "pipeline.yaml").write_text(yaml.safe_dump(dump_config(config), sort_keys=False))
     build_world(config, run_dir)
     model_dir: pathlib.Path | None = None
     for name in config.stages:
