@@ -51,6 +51,12 @@ def test_agreement_with_openai_labels(oracles_dir, references):
         ("7 apples, then 8", "#### 7", 0.0),  # the last number counts
         ("", "#### 0", 0.0),
         ("9" * 5000, "#### 9", 0.0),  # too long to be a number we compare, never an error
+        ("Each costs .5 dollars.", "#### 0.5", 1.0),  # a leading decimal point: .5 is 0.5 (as in the reference)
+        ("Each costs .5 dollars.", "#### 5", 0.0),
+        ("The change is -.25", "#### -0.25", 1.0),
+        ("So it is 18.0", "#### .5", 0.0),
+        ("Half: .5", "#### .5", 1.0),
+        ("+5", "#### 5", 1.0),  # an explicit plus sign is the same number
     ],
 )
 def test_score(response, ground_truth, expected):

@@ -94,19 +94,37 @@ def test_non_equivalent_answers(candidate, reference):
     ("response", "expected"),
     [
         ("so \\boxed{\\frac{a}{\\{b\\}}} and \\boxed{7}", "7"),  # the last box
-        ("\\boxed{\\frac{1}{2}} \\fbox{3}", "3"),
+        ("\\boxed{\\frac{1}{2}} \\fbox{3}", "\\frac{1}{2}"),  # \boxed wins over a later \fbox (the reference)
+        ("\\fbox{3} or \\fbox{4}", "4"),  # \fbox only without any \boxed
         ("\\boxed{\\text{a {nested} b}}", "\\text{a {nested} b}"),
         ("we get $\\boxed 42$.", "42"),
         ("Final Answer: The final answer is $\\frac{2}{3}$. I hope it is correct.", "\\frac{2}{3}"),
         ("Final Answer: The final answer is 12 inches. I hope it is correct", "12"),  # Minerva normalization
         ("hence $x = 4$ and so $y=5$", "5"),  # the last $…$ pair, normalized
-        ("\\boxed{unbalanced {", None),
-        ("no answer here", None),
+        # Nothing boxed, no Minerva answer, no $…$: the whole response, Minerva-normalized (the reference's fallback).
+        ("\\boxed{unbalanced {", "\\boxed{unbalanced{"),
+        ("no answer here", "noanswerhere"),
+        ("so x = 12 inches", "12"),
+        ("x" * (math_answers.MAX_ANSWER_CHARS + 1), None),  # too long to be an answer
         ("\\boxed{}", None),
     ],
 )
 def test_extract_answer(response, expected):
     assert math_answers.extract_answer(response) == expected
+
+
+@pytest.mark.parametrize(
+    ("response", "reference", "expected"),
+    [
+        ("x = 5", "5", 1.0),  # whole-response fallback
+        ("3/4", "\\frac{3}{4}", 1.0),
+        ("-2", "2", 0.0),  # sign kept
+        ("\\boxed{2} but \\fbox{3}", "2", 1.0),
+        ("\\boxed{2} but \\fbox{3}", "3", 0.0),
+    ],
+)
+def test_flex_fallbacks(response, reference, expected):
+    assert math_answers.score(response, reference) == expected
 
 
 def test_boxed_answer_and_minerva_answer_are_both_tried():

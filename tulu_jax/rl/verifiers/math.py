@@ -1,13 +1,28 @@
 """MATH ("flex"): extract the final answer, then compare it to the reference by normalized string or symbolically.
 
-Candidates, in order: the content of the last ``\\boxed{…}`` / ``\\fbox{…}``, and the Minerva answer ("Final
-Answer: The final answer is X. I hope it is correct."); only if neither exists, the text between the last two ``$``.
+Candidates, in order: the content of the last ``\\boxed{…}`` (the last ``\\fbox{…}`` only if there is no
+``\\boxed``), and the Minerva answer ("Final Answer: The final answer is X. I hope it is correct."); only if neither
+exists, the text between the last two ``$``; only if that is missing too, the whole (Minerva-normalized) response.
 A candidate is correct if, against the reference, its Hendrycks-normalized string matches, its Minerva-normalized
 string matches, or ``math-verify`` finds the two mathematically equivalent. Model output is parsed, never evaluated.
 
 Time: extraction is linear in the response; candidates longer than ``MAX_ANSWER_CHARS`` are judged wrong, and the
 symbolic check only looks at answers up to ``MAX_SYMBOLIC_CHARS`` under math-verify's own (signal based) limit when it
 runs on a main thread. The hard limit for any input is the killable worker process of ``registry.verify``.
+
+Deliberate differences from the reference implementation (open-instruct ``verify_math_sample``, Dec 2024):
+
+- the symbolic check is ``math-verify`` (sets, intervals, bounded time) instead of the lm-eval Minerva ``is_equiv``
+  (sympy ``parse_latex`` of both sides, ``simplify`` of their difference); signs are kept either way (``-3`` != ``3``);
+- the Minerva-normalized string comparison is tried as well as the Hendrycks one, so a candidate is never judged
+  wrong where only the reference's weaker normalization would have accepted it;
+- ``\\boxed X`` (a space, no braces) ends at ``$`` or the end of its line and is taken only if it is the last box;
+  the reference takes the text after the last ``\\boxed `` up to ``$`` whenever there is one, even when a
+  ``\\boxed{}`` follows it;
+- the Minerva answer is searched in linear time (same result as the reference regex);
+- candidates (and the whole-response fallback) longer than ``MAX_ANSWER_CHARS`` are judged wrong and empty ones are
+  dropped, instead of being compared;
+- the ground truth must be a non-empty answer of at most ``MAX_ANSWER_CHARS`` (a ValueError otherwise).
 """
 
 from __future__ import annotations
@@ -31,9 +46,13 @@ _MINERVA_END = "I hope it is correct."
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{…}``/``\\fbox{…}`` (balanced braces), or ``\\boxed X`` up to ``$`` or EOL."""
-    start, command = max((text.rfind(c), c) for c in _BOX_COMMANDS)
-    if start < 0:
+    """Content of the last ``\\boxed{…}`` (else ``\\fbox{…}``, balanced braces), or ``\\boxed X`` to ``$``/EOL."""
+    # As in the reference, \fbox is looked at only when there is no \boxed at all.
+    for command in _BOX_COMMANDS:
+        start = text.rfind(command)
+        if start >= 0:
+            break
+    else:
         return None
     i = start + len(command)
     if text.startswith(" ", i):
@@ -82,18 +101,21 @@ def dollar_answer(text: str) -> str | None:
 
 
 def candidates(response: str) -> list[str]:
-    """Candidate final answers of ``response`` in priority order (boxed, Minerva, else last ``$…$``)."""
-    found = []
+    """Candidate final answers of ``response`` in priority order.
+
+    Boxed and Minerva answers; else the last ``$…$``; else the whole response ("probably won't work", as the
+    reference says, but a bare "5" is an answer).
+    """
     boxed = last_boxed(response)
-    if boxed is not None:
-        found.append(boxed)
     minerva = minerva_answer(response)
-    if minerva is not None and len(minerva) <= MAX_ANSWER_CHARS:
-        found.append(normalize_final_answer(minerva))
-    if not found:
+    unboxed = [minerva]
+    if boxed is None and minerva is None:
         dollars = dollar_answer(response)
-        if dollars is not None and len(dollars) <= MAX_ANSWER_CHARS:
-            found.append(normalize_final_answer(dollars))
+        unboxed = [response if dollars is None else dollars]
+    # The box content is compared as written, the rest Minerva-normalized (as in the reference); text too long to
+    # be an answer is never normalized (regex time).
+    found = [] if boxed is None else [boxed]
+    found += [normalize_final_answer(c) for c in unboxed if c is not None and len(c) <= MAX_ANSWER_CHARS]
     return [c for c in found if c.strip() and len(c) <= MAX_ANSWER_CHARS]
 
 
