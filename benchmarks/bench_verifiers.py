@@ -1,6 +1,6 @@
 """Throughput of the verifiers on the oracle data: rows/s per family, in one process and through ``score_batch``.
 
-    python benchmarks/bench_verifiers.py [--oracles ../shared/oracles] [--workers N]
+    python benchmarks/bench_verifiers.py [--oracles tests/fixtures/oracles] [--workers N]
 
 Rows: GSM8K's 5,276 labelled model solutions; MATH-500's solutions against their own answer and against another
 problem's (so half need the symbolic check); IFEval's 540 GPT-4 responses (strict, then loose, in one process).
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import lzma
 import pathlib
 import time
 
@@ -19,7 +20,9 @@ MODELS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verificat
 
 
 def _jsonl(path: pathlib.Path) -> list[dict]:
-    with open(path) as f:
+    """Rows of ``path``, or of its xz-compressed copy ``path.xz`` (as vendored in tests/fixtures/oracles)."""
+    compressed = path.with_name(path.name + ".xz")
+    with (lzma.open(compressed, "rt") if compressed.exists() else open(path)) as f:
         return [json.loads(line) for line in f]
 
 
@@ -41,7 +44,7 @@ def load_rows(oracles: pathlib.Path) -> dict[str, list[tuple[str, str, str]]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    default_oracles = pathlib.Path(__file__).resolve().parents[2] / "shared" / "oracles"
+    default_oracles = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "oracles"
     parser.add_argument("--oracles", type=pathlib.Path, default=default_oracles)
     parser.add_argument("--workers", type=int, default=timeout.default_num_workers())
     args = parser.parse_args()

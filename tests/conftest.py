@@ -14,14 +14,10 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-SHARED_DIR = REPO_ROOT.parent / "shared"
+from oracle_files import decompress_verified  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def oracles_dir() -> pathlib.Path:
-    """The reference data in ../shared/oracles; a test needing it fails loudly if it is absent."""
-    path = SHARED_DIR / "oracles"
-    if not path.is_dir():
-        pytest.fail(f"oracle folder {path} is missing: CI must run with ../shared beside the checkout")
-    return path
+def oracles_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """The vendored oracle files (tests/fixtures/oracles), decompressed once and checked against their sha256."""
+    return decompress_verified(tmp_path_factory.mktemp("oracles"))

@@ -380,7 +380,7 @@ def test_configs_load_with_the_recipe_values():
     assert (config.dpo.loss_type, config.dpo.beta, config.dpo.reference) == ("dpo_norm", 5.0, "cached")
     for name, lr in (("tulu3_8b_dpo.yaml", 5e-7), ("tulu3_70b_dpo.yaml", 2e-7)):
         recipe = cli_config(REPO / "configs" / name)
-        assert (recipe.dpo.loss_type, recipe.dpo.beta, recipe.optim.lr) == ("dpo_norm", 5.0, lr)  # RECIPE.md, DPO
+        assert (recipe.dpo.loss_type, recipe.dpo.beta, recipe.optim.lr) == ("dpo_norm", 5.0, lr)  # docs/recipe.md, DPO
         assert (recipe.optim.warmup_ratio, recipe.optim.weight_decay, recipe.optim.schedule) == (0.1, 0.0, "linear")
         assert (recipe.train.global_batch_size, recipe.train.epochs, recipe.data.max_seq_len) == (128, 1, 2048)
     with pytest.raises(ConfigError, match="packing"):

@@ -42,7 +42,7 @@ def tokenizer():
 
 
 def _tulu_prompt(messages: list[dict]) -> str:
-    """The Tülu template written out by hand (RECIPE.md, SFT) for user/system prompts plus the generation prompt."""
+    """The Tülu template written out by hand (docs/recipe.md) for user/system prompts and the generation prompt."""
     return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
 
 

@@ -1,4 +1,4 @@
-"""DPO-family losses against an independent float64 NumPy implementation (RECIPE.md, DPO section)."""
+"""DPO-family losses against an independent float64 NumPy implementation (docs/recipe.md, DPO section)."""
 
 import jax
 import jax.numpy as jnp

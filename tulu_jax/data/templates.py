@@ -17,7 +17,7 @@ from tulu_jax.errors import ConfigError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-# open-instruct's CHAT_TEMPLATES["tulu"] (RECIPE.md, SFT): no BOS; `<|system|>\n{c}\n`, `<|user|>\n{c}\n`,
+# open-instruct's CHAT_TEMPLATES["tulu"] (docs/recipe.md, SFT): no BOS; `<|system|>\n{c}\n`, `<|user|>\n{c}\n`,
 # `<|assistant|>\n{c}{eos}\n`, except that the LAST assistant turn has no trailing "\n" (so that rendering a prefix of
 # the conversation ends exactly at that turn's EOS); generation prompt `<|assistant|>\n`. The generation prompt sits
 # inside the loop as in open-instruct, so an empty conversation renders as "". Unknown roles fail instead of vanishing.

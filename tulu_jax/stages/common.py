@@ -191,7 +191,7 @@ class DataSection:
 
 @dataclasses.dataclass
 class OptimSection:
-    """AdamW (torch semantics) after global-norm clipping, with a warmup + decay schedule (RECIPE.md, SFT)."""
+    """AdamW (torch semantics) after global-norm clipping, with a warmup + decay schedule (docs/recipe.md, SFT)."""
 
     lr: float = 5e-6
     warmup_ratio: float = 0.03

@@ -1,4 +1,4 @@
-"""The DPO stage: preference pairs → length-normalized DPO (the Tülu 3 choice) or dpo / simpo / ipo (RECIPE.md, DPO).
+"""The DPO stage: preference pairs → length-normalized DPO (the Tülu 3 choice) or dpo / simpo / ipo (docs/recipe.md).
 
 Data: `data.sources` → `load_preference_pairs` (both row shapes; each side tokenized like SFT, its response mask is
 the SFT label mask; truncated to `data.max_seq_len` and counted; pairs with an empty response dropped and counted;
@@ -80,7 +80,7 @@ PAIR_BATCH_DTYPES: dict[str, Any] = {
 
 @dataclasses.dataclass
 class DPOSection:
-    """The preference loss (RECIPE.md, DPO): loss_type dpo_norm (Tülu 3) | dpo | simpo | ipo; beta β; label_smoothing
+    """The preference loss (docs/recipe.md): loss_type dpo_norm (Tülu 3) | dpo | simpo | ipo; beta β; label_smoothing
     ε (conservative DPO; not for ipo); gamma_beta_ratio γ/β (simpo); reference: cached (one scoring pass before
     training, stored in the run dir) | live (a frozen copy on the mesh); concat_forward: chosen and rejected in one
     forward (faster) or two (less memory); reference_batch_size: pairs per batch of the cached pass (default:

@@ -1,6 +1,6 @@
 """Reference log-probs for DPO: the sequence log-probs of both sides of every pair under the frozen reference model.
 
-Two ways, giving the same numbers (RECIPE.md, DPO):
+Two ways, giving the same numbers (docs/recipe.md, DPO):
 - cached: one no-grad sharded jitted pass over the data before training (`compute_reference_logps`), stored in the
   run directory as `reference_logps.npz` (chosen, rejected float32 [N], by pair index) plus `reference_logps.json`
   (the fingerprint). A resumed run reuses it; a run whose model, data or settings changed is refused with an error

@@ -1,4 +1,4 @@
-"""The SFT stage: chat rows → assistant-only token NLL, trained with the Tülu 3 recipe (RECIPE.md, "SFT").
+"""The SFT stage: chat rows → assistant-only token NLL, trained with the Tülu 3 recipe (docs/recipe.md, "SFT").
 
 Data: the mixture of `data.sources` → `tokenize_sft` (labels on assistant turns only; rows truncated to
 `data.max_seq_len` and counted; rows left with no supervised token dropped and counted; malformed rows raise or,
