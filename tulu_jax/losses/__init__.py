@@ -2,18 +2,40 @@
 
 from tulu_jax.losses.common import count_sequences, masked_sum, safe_denominator, token_logps
 from tulu_jax.losses.dpo import LOSS_TYPES, dpo_loss, needs_reference, sequence_logps, uses_average_logps
+from tulu_jax.losses.ppo import (
+    GRPO_SCALES,
+    KL_KINDS,
+    gae,
+    grpo_advantages,
+    grpo_nonzero_variance,
+    grpo_policy_loss,
+    kl_estimate,
+    ppo_policy_loss,
+    ppo_value_loss,
+    whiten,
+)
 from tulu_jax.losses.sft import REDUCTIONS, sft_loss
 
 __all__ = [
+    "GRPO_SCALES",
+    "KL_KINDS",
     "LOSS_TYPES",
     "REDUCTIONS",
     "count_sequences",
     "dpo_loss",
+    "gae",
+    "grpo_advantages",
+    "grpo_nonzero_variance",
+    "grpo_policy_loss",
+    "kl_estimate",
     "masked_sum",
     "needs_reference",
+    "ppo_policy_loss",
+    "ppo_value_loss",
     "safe_denominator",
     "sequence_logps",
     "sft_loss",
     "token_logps",
     "uses_average_logps",
+    "whiten",
 ]
