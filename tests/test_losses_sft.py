@@ -1,4 +1,4 @@
-"""token_logps and sft_loss against float64 NumPy recomputations; exact gradient accumulation for both reductions."""
+"""token_logps and sft_loss against float64 NumPy recomputations; exact gradient accumulation for all reductions."""
 
 import jax
 import jax.numpy as jnp
@@ -110,7 +110,7 @@ def test_sft_loss_empty_mask_is_zero_not_nan(data):
     x, w, targets, _ = data
     logits = jnp.asarray(np.einsum("btd,dv->btv", x, w))
     empty = jnp.zeros((B, T), bool)
-    for reduction in ("sum", "mean"):
+    for reduction in ("sum", "mean", "mean_per_micro_batch"):
         loss, grad = jax.value_and_grad(
             lambda z, r=reduction: sft_loss(z, jnp.asarray(targets), empty, reduction=r)[0]
         )(logits)
@@ -151,3 +151,34 @@ def test_gradient_accumulation_4x2_equals_full_batch_of_8(data, reduction):
     denom = n_seq if reduction == "sum" else n_tok
     dlogits = (np.exp(np_log_softmax(logits)) - np.eye(V)[targets]) * mask[..., None] / denom
     np.testing.assert_allclose(np.asarray(full_grad), np.einsum("btd,btv->dv", x, dlogits), rtol=1e-4, atol=1e-6)
+
+
+def test_mean_per_micro_batch_averages_each_micro_batch_token_mean(data):
+    """HF's default under accumulation: mean over 4 micro-batches of (Σ NLL_i / tokens_i), loss and gradient.
+
+    The NumPy side computes the micro-batch means directly, in float64; the gradient is the analytic one,
+    Σ_i x_i^T (softmax − onehot) · mask_i / (tokens_i · 4).
+    """
+    x, w, targets, mask = data
+    grad_fn = jax.jit(jax.value_and_grad(
+        lambda w_, x_, t_, m_: sft_loss(x_ @ w_, t_, m_, reduction="mean_per_micro_batch", num_micro_batches=4)[0]
+    ))
+    acc_loss, acc_grad = 0.0, np.zeros_like(w, dtype=np.float64)
+    for i in range(4):
+        sl = slice(2 * i, 2 * i + 2)
+        loss_i, grad_i = grad_fn(w, x[sl], targets[sl], mask[sl])
+        acc_loss, acc_grad = acc_loss + float(loss_i), acc_grad + np.asarray(grad_i)
+
+    logits = np.einsum("btd,dv->btv", x.astype(np.float64), w.astype(np.float64))
+    nll = -np_token_logps(logits, targets) * mask
+    micro_means = [nll[2 * i : 2 * i + 2].sum() / mask[2 * i : 2 * i + 2].sum() for i in range(4)]
+    np.testing.assert_allclose(acc_loss, np.mean(micro_means), rtol=1e-5)
+    tokens = np.repeat([mask[2 * i : 2 * i + 2].sum() for i in range(4)], 2)[:, None, None]
+    dlogits = (np.exp(np_log_softmax(logits)) - np.eye(V)[targets]) * mask[..., None] / (tokens * 4)
+    np.testing.assert_allclose(acc_grad, np.einsum("btd,btv->dv", x, dlogits), rtol=1e-4, atol=1e-6)
+    # Micro-batches hold different numbers of tokens here, so this is not the global token mean.
+    assert abs(np.mean(micro_means) - nll.sum() / mask.sum()) > 1e-3
+    # With one micro-batch it is the global token mean.
+    one = sft_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(targets), jnp.asarray(mask),
+                   reduction="mean_per_micro_batch")[0]
+    np.testing.assert_allclose(float(one), nll.sum() / mask.sum(), rtol=1e-5)

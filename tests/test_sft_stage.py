@@ -219,6 +219,16 @@ def test_accumulating_4_micro_batches_of_2_equals_one_batch_of_8(rows, reduction
     np.testing.assert_allclose(norm, whole[0]["grad_norm"], rtol=1e-4)
 
 
+def test_mean_per_micro_batch_step_averages_the_micro_batch_token_means(rows, loss_and_grads):
+    """The report's baseline: the step's loss is the mean over its 4 micro-batches (rows i, i+4) of their token means."""
+    batch = make_batches(rows[:8], SEQ, 8, packed=False)[0]
+    metrics, _ = _one_step("one", "mean_per_micro_batch", 4, batch)
+    logits = np.asarray(loss_and_grads(batch)[1])
+    means = [numpy_sft_loss(logits[i::4], {k: v[i::4] for k, v in batch.items()}, "mean") for i in range(4)]
+    np.testing.assert_allclose(metrics["loss"], np.mean(means), rtol=1e-5)
+    assert abs(np.mean(means) - numpy_sft_loss(logits, batch, "mean")) > 1e-4  # not the global token mean
+
+
 def test_sharded_step_on_8_devices_equals_one_device(rows):
     batch = make_batches(rows[:8], SEQ, 8, packed=False)[0]
     _assert_same_step(_one_step("one", "sum", 1, batch), _one_step("eight", "sum", 1, batch))

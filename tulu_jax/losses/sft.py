@@ -1,4 +1,15 @@
-"""Supervised fine-tuning loss with explicit denominators (Tülu 3 report §4.3.2: sum over tokens / sequences)."""
+"""Supervised fine-tuning loss with explicit denominators (Tülu 3 report §4.3.2: sum over tokens / sequences).
+
+The three reductions, for a global batch split into micro-batches for gradient accumulation:
+
+- ``sum`` (the recipe's): Σ token NLL of the global batch / its number of sequences. Every sequence weighs the
+  same, whatever its length or micro-batch.
+- ``mean``: Σ token NLL of the global batch / its number of supervised tokens: a global token mean, the same
+  weighting of tokens as ``sum`` (every token equal) on another scale (the learning rate absorbs it).
+- ``mean_per_micro_batch`` (the report's worse baseline, Hugging Face's default under gradient accumulation): each
+  micro-batch's token mean, averaged over the micro-batches. Tokens of a micro-batch with few supervised tokens weigh
+  more. The micro-batch is the global one (all data-parallel shards together).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +22,8 @@ from tulu_jax.errors import ConfigError
 from tulu_jax.losses.common import count_sequences, masked_sum, safe_denominator, token_logps
 
 Array = jax.Array
-REDUCTIONS = ("sum", "mean")
+REDUCTIONS = ("sum", "mean", "mean_per_micro_batch")
+Reduction = Literal["sum", "mean", "mean_per_micro_batch"]
 
 
 def sft_loss(
@@ -19,10 +31,11 @@ def sft_loss(
     targets: Array,
     loss_mask: Array,
     *,
-    reduction: Literal["sum", "mean"] = "sum",
+    reduction: Reduction = "sum",
     num_sequences: Array | int | None = None,
     num_tokens: Array | int | None = None,
     segment_ids: Array | None = None,
+    num_micro_batches: int = 1,
 ) -> tuple[Array, dict[str, Array]]:
     """Token negative log-likelihood of the supervised targets, divided by an explicit denominator.
 
@@ -30,13 +43,17 @@ def sft_loss(
       logits: [B, T, V] model outputs (any float dtype; float32 inside).
       targets: [B, T] next-token ids (batch contract).
       loss_mask: [B, T] bool, True where the target is supervised.
-      reduction: "sum" (recipe default) = Σ NLL / num_sequences; "mean" = Σ NLL / num_tokens.
+      reduction: "sum" (recipe default) = Σ NLL / num_sequences; "mean" = Σ NLL / num_tokens;
+        "mean_per_micro_batch" = Σ NLL / (this call's supervised tokens × num_micro_batches), so that the
+        micro-batch losses add up to the average of their token means (see the module docstring).
       num_sequences: denominator of "sum". Pass the GLOBAL batch's count under gradient accumulation, so that the
         micro-batch losses (and gradients) add up to the full-batch ones. Default: Σ max(segment_ids) if
         `segment_ids` is given, else the number of rows with at least one supervised token (right for padded
         batches, wrong for packed ones: pass `segment_ids` or the count for those).
       num_tokens: denominator of "mean" (global count under accumulation). Default: Σ loss_mask.
       segment_ids: [B, T] optional, only used for the default `num_sequences`.
+      num_micro_batches: the number of micro-batches the global batch is split into (only for
+        "mean_per_micro_batch").
 
     Returns:
       (loss, metrics) with metrics `nll_sum` and `supervised_tokens` over THIS call's arrays (so they add up over
@@ -51,8 +68,10 @@ def sft_loss(
         if num_sequences is None:
             num_sequences = count_sequences(segment_ids) if segment_ids is not None else jnp.sum(jnp.any(mask, axis=-1))
         denominator = safe_denominator(num_sequences)
-    else:
+    elif reduction == "mean":
         denominator = safe_denominator(supervised_tokens if num_tokens is None else num_tokens)
+    else:
+        denominator = safe_denominator(supervised_tokens) * num_micro_batches
     loss = nll_sum / denominator
     metrics = {
         "loss": jax.lax.stop_gradient(loss),

@@ -7,6 +7,8 @@ with `on_error: skip`, are skipped and counted) → the grain pipeline (padded o
 Loss (`sft_loss_fn`): Σ token NLL over the supervised targets of the GLOBAL batch divided by the number of
 sequences in it (`sum`, the recipe's choice) or by its number of supervised tokens (`mean`). The denominators are
 computed once from the full batch (`sft_denominators`), so gradient accumulation is exact for both reductions.
+`mean_per_micro_batch` (the report's baseline, HF's default) averages each micro-batch's token mean instead, so it
+depends on the accumulation (see `tulu_jax.losses.sft`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from flax import nnx
 
 from tulu_jax.errors import DataError
 from tulu_jax.losses import count_sequences, sft_loss
+from tulu_jax.losses.sft import Reduction
 from tulu_jax.stages.common import (
     DataSection,
     GlobalBatcher,
@@ -66,9 +69,10 @@ class SFTDataSection(DataSection):
 @dataclasses.dataclass
 class SFTTrainSection(TrainSection):
     """`train` of SFT: the shared fields plus loss_reduction, `sum` (Σ NLL / sequences, the recipe) or `mean`
-    (Σ NLL / supervised tokens), both over the global batch."""
+    (Σ NLL / supervised tokens), both over the global batch, or `mean_per_micro_batch` (the mean over micro-batches
+    of each one's token mean: the Tülu 3 report's baseline)."""
 
-    loss_reduction: Literal["sum", "mean"] = "sum"
+    loss_reduction: Reduction = "sum"
 
 
 @dataclasses.dataclass
@@ -186,8 +190,10 @@ def sft_denominators(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     }
 
 
-def sft_loss_fn(reduction: Literal["sum", "mean"]) -> Any:
+def sft_loss_fn(reduction: Reduction, num_micro_batches: int = 1) -> Any:
     """`loss_fn(model, batch, denominators) -> (loss, aux)` on the batch contract (padded or packed).
+
+    `num_micro_batches`: how many micro-batches the step splits a global batch into (for `mean_per_micro_batch`).
 
     aux (summed over micro-batches): nll_sum, supervised_tokens, tokens (non-padding tokens).
     """
@@ -201,6 +207,7 @@ def sft_loss_fn(reduction: Literal["sum", "mean"]) -> Any:
             reduction=reduction,
             num_sequences=den["num_sequences"],
             num_tokens=den["num_tokens"],
+            num_micro_batches=num_micro_batches,
         )
         aux = {
             "nll_sum": metrics["nll_sum"],
@@ -218,13 +225,13 @@ def build_sft_step(
     *,
     state_shardings: TrainState,
     batch_sharding: jax.sharding.Sharding,
-    reduction: Literal["sum", "mean"] = "sum",
+    reduction: Reduction = "sum",
     grad_accum_steps: int = 1,
 ) -> Any:
     """The jitted SFT train step `(state, batch) -> (state, metrics)` (also used by compile-check for AOT)."""
     return build_train_step(
         graphdef,
-        sft_loss_fn(reduction),
+        sft_loss_fn(reduction, grad_accum_steps),
         optimizer,
         state_shardings=state_shardings,
         batch_shardings=batch_sharding,
