@@ -135,9 +135,9 @@ def test_on_error_skip_reports_the_counts(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sft, "init_stage_state", stop)
     data = _data_with_a_bad_row(tmp_path)
     assert run_sft(TINY_CONFIG, f"data.sources=[{{path: {data}}}]", "data.on_error=skip",
-                   "train.global_batch_size=4") == 1
+                   "data.max_bad_fraction=0.2", "train.global_batch_size=4") == 1
     err = capsys.readouterr().err
-    assert f"{data}: 6 rows, 5 valid, 1 skipped (messages[1].role: 1), 5 selected" in err
+    assert f"{data}: 6 rows, 5 valid, 1 skipped (messages[1].role: 1) at rows 3, 5 selected" in err
     assert "tokenized 5 rows: 5 kept" in err
     assert "stopped after the data" in err
 

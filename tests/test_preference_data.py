@@ -121,6 +121,9 @@ def test_skip_mode_counts_every_bad_row(tmp_path, tokenizer):
     assert (len(pairs), source.rows, source.valid, source.skipped) == (2, len(rows), 2, len(BAD_ROWS))
     assert source.skipped_by_field["rejected"] == 3 and source.skipped_by_field["(row)"] == 2
     assert f"{len(BAD_ROWS)} skipped" in stats.summary()
+    # A recipe config stops when more than data.max_bad_fraction of a source is malformed.
+    with pytest.raises(DataError, match=f"{len(BAD_ROWS)} of {len(rows)} rows are malformed"):
+        load_preference_pairs([Source(path)], tokenizer, max_seq_len=512, on_error="skip", max_bad_fraction=0.01)
 
 
 def test_template_failure_follows_on_error(tmp_path, tokenizer):

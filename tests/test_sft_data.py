@@ -155,15 +155,35 @@ def test_native_chatml_without_system_and_consecutive_assistants(qwen):
     np.testing.assert_array_equal(result["labels"], labels)
 
 
-def test_tulu_template_cannot_place_consecutive_assistants(tiny):
-    # Under the Tülu template the prefix ending in an assistant turn renders without its "\n": not a prefix.
+@pytest.mark.parametrize("tokenizer_name", ["tiny", "qwen"])
+def test_tulu_consecutive_assistant_turns_are_trained_as_the_reference_masks_them(tokenizer_name, request):
+    """Both turns are trained, and so is the "\\n<|assistant|>\\n" between them: open-instruct masks only the
+    non-assistant turns (its prefix-count algorithm, re-implemented above, is the oracle)."""
+    tokenizer = request.getfixturevalue(tokenizer_name)
     messages = [
         {"role": "user", "content": USER1},
         {"role": "assistant", "content": ASSISTANT1},
         {"role": "assistant", "content": ASSISTANT2},
+        {"role": "user", "content": USER2},
+        {"role": "assistant", "content": ASSISTANT2},
     ]
-    with pytest.raises(DataError, match=r"file data\.jsonl, row 7, field 'messages\[2\]'"):
-        tokenize_sft(messages, tiny, max_seq_len=64, file="data.jsonl", row=7)
+    result = tokenize_sft(messages, tokenizer, max_seq_len=4096)
+    np.testing.assert_array_equal(result["labels"], open_instruct_labels(tokenizer, messages, TULU_CHAT_TEMPLATE))
+    eos = tokenizer.eos_token
+    ids, labels = from_segments(tokenizer, [
+        (f"<|user|>\n{USER1}\n<|assistant|>\n", False),
+        (f"{ASSISTANT1}{eos}\n<|assistant|>\n{ASSISTANT2}{eos}", True),
+        (f"\n<|user|>\n{USER2}\n<|assistant|>\n", False),
+        (f"{ASSISTANT2}{eos}", True),
+    ])
+    np.testing.assert_array_equal(result["input_ids"], ids)
+    np.testing.assert_array_equal(result["labels"], labels)
+
+
+def test_conversation_without_assistant_turn_has_nothing_to_train(tiny):
+    assert tokenize_sft([{"role": "user", "content": USER1}], tiny, max_seq_len=64) is None
+    with pytest.raises(DataError, match="unknown role"):  # still validated
+        tokenize_sft([{"role": "robot", "content": USER1}], tiny, max_seq_len=64)
 
 
 def test_truncation(tiny):
@@ -233,7 +253,6 @@ BAD_ROWS = {
         "messages[0].content",
         "must be a string, got int",
     ),
-    "no_assistant": ('{"messages": [{"role": "user", "content": "q"}]}', "messages", "no assistant turn"),
     "assistant_first": (
         '{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}',
         "messages[0].role",
@@ -417,3 +436,57 @@ def test_malformed_text_rows_name_file_row_and_field(data, field, reason):
         validate_text_row(data, file="docs.jsonl", row=7)
     assert (info.value.file, info.value.row, info.value.field) == ("docs.jsonl", 7, field)
     assert reason in str(info.value)
+
+
+# ------------------------------------------------------------------------------------- what a recipe run keeps
+
+
+def test_rows_without_an_assistant_turn_are_dropped_and_counted_not_fatal(tmp_path, tiny):
+    from tulu_jax.stages.sft import tokenize_rows
+
+    user_only = {"messages": [{"role": "user", "content": "q"}]}
+    path = write_jsonl(tmp_path / "data.jsonl", [json.dumps(r) for r in (GOOD, user_only, GOOD)])
+    rows, stats = read_rows(path)  # on_error="raise": a row without an assistant turn is not an error
+    assert stats.valid == 3
+    kept, report = tokenize_rows(rows, tiny, max_seq_len=64, template="tulu", on_error="raise")
+    assert (len(kept), report.kept, report.no_assistant_turn, report.no_supervised_tokens) == (2, 2, 1, 0)
+    assert "1 dropped with no assistant turn" in report.summary()
+
+
+def test_skip_mode_stops_only_above_max_bad_fraction(tmp_path):
+    """2 bad rows in 200 is 1%: skipped, counted, the first row numbers shown; a third one stops the run."""
+    bad = BAD_ROWS["unknown_role"][0]
+    lines = [json.dumps(conversation(i)) for i in range(198)]
+    lines = lines[:50] + [bad] + lines[50:] + [bad]
+    path = write_jsonl(tmp_path / "data.jsonl", lines)
+    rows, (stats,) = mix_sources([Source(str(path))], seed=0, on_error="skip", max_bad_fraction=0.01)
+    assert len(rows) == 198 and stats.skipped == 2
+    assert "200 rows, 198 valid, 2 skipped (messages[1].role: 2) at rows 51, 200" in stats.summary()
+    path = write_jsonl(tmp_path / "data.jsonl", [*lines, bad])
+    with pytest.raises(DataError, match=r"3 of 201 rows are malformed, more than data.max_bad_fraction = 0\.01") as e:
+        mix_sources([Source(str(path))], seed=0, on_error="skip", max_bad_fraction=0.01)
+    assert "at rows 51, 200, 201" in str(e.value) and "unknown role 'robot'" in str(e.value)
+    mix_sources([Source(str(path))], seed=0, on_error="skip", max_bad_fraction=0.02)
+
+
+def test_rows_failing_tokenization_count_towards_max_bad_fraction(tmp_path, tiny):
+    from tulu_jax.stages.sft import tokenize_rows
+
+    refuses_b = "{% for m in messages %}{% if m['content'] == 'b' %}{{ raise_exception('no b') }}{% endif %}" \
+                "{{ m['content'] }}{% endfor %}"
+    odd = {"messages": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "a"}]}
+    path = write_jsonl(tmp_path / "data.jsonl", [json.dumps(r) for r in (GOOD, odd, GOOD, GOOD)])
+    rows, _ = read_rows(path)
+    kept, report = tokenize_rows(rows, tiny, max_seq_len=64, template=refuses_b, on_error="skip",
+                                 max_bad_fraction=0.25)
+    assert (report.kept, report.skipped) == (3, 1) and "row 2" in report.summary() and "no b" in report.summary()
+    with pytest.raises(DataError, match="1 of 4 rows are malformed"):
+        tokenize_rows(rows, tiny, max_seq_len=64, template=refuses_b, on_error="skip", max_bad_fraction=0.2)
+
+
+def test_max_bad_fraction_is_a_fraction():
+    from tulu_jax.stages.sft import SFTDataSection
+
+    with pytest.raises(ValueError, match=r"data\.max_bad_fraction"):
+        SFTDataSection(max_bad_fraction=1.5)
+    assert SFTDataSection().max_bad_fraction == 0.01

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tulu_jax.data.rows import OnError, RowStats, Source, mix_sources, validate_messages
+from tulu_jax.data.rows import OnError, RowStats, Source, check_bad_fraction, mix_sources, validate_messages
 from tulu_jax.data.sft import IGNORE_INDEX, tokenize_sft
 from tulu_jax.errors import DataError
 
@@ -137,15 +137,18 @@ def load_preference_pairs(
     seed: int = 0,
     on_error: OnError = "raise",
     shuffle: bool = True,
+    max_bad_fraction: float = 1.0,
 ) -> tuple[list[Pair], PreferenceStats]:
     """Read, mix (`mix_sources`: weights, deterministic in `seed`), validate and tokenize preference rows.
 
     Returns the kept pairs, in mixture order (a pair's position is its `pair_index`, the key of cached reference
     log-probs), and the counts. A row that fails tokenization (e.g. the chat template rejects it) follows
-    `on_error` like a malformed row.
+    `on_error` like a malformed row; with on_error="skip", more than `max_bad_fraction` malformed rows of a source
+    (or of the tokenized rows) raise DataError.
     """
     rows, source_stats = mix_sources(
-        sources, seed=seed, on_error=on_error, validate=validate_preference_row, shuffle=shuffle
+        sources, seed=seed, on_error=on_error, validate=validate_preference_row, shuffle=shuffle,
+        max_bad_fraction=max_bad_fraction,
     )
     stats = PreferenceStats(sources=source_stats)
     pairs: list[Pair] = []
@@ -168,4 +171,5 @@ def load_preference_pairs(
         stats.truncated += truncated
         stats.identical += same_sides(pair)
         pairs.append(pair)
+    check_bad_fraction(stats.tokenization, max_bad_fraction)
     return pairs, stats

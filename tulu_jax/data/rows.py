@@ -2,7 +2,8 @@
 
 A row is `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...], ...}`. A malformed row raises
 `DataError` naming the file, the row and the field; with `on_error="skip"` it is skipped and counted in `RowStats`
-instead, and the caller reports the counts. Nothing is dropped silently.
+instead (up to a fraction of the rows, `check_bad_fraction`), and the caller reports the counts. Nothing is dropped
+silently.
 
 Row numbers: JSONL rows are numbered by line (1-based, as editors show them); Parquet and saved-dataset rows by
 their index in the table (0-based, as `dataset[i]` takes them).
@@ -50,22 +51,41 @@ class RowStats:
     selected: int = 0
     skipped_by_field: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     examples: list[str] = dataclasses.field(default_factory=list)  # the first few skip reasons, verbatim
+    skipped_rows: list[int] = dataclasses.field(default_factory=list)  # the first few skipped row numbers
 
     max_examples = 5
 
     def record_skip(self, error: DataError) -> None:
-        """Counts one skipped row and keeps its message if fewer than `max_examples` are kept."""
+        """Counts one skipped row and keeps its message (and row number) if fewer than `max_examples` are kept."""
         self.skipped += 1
         self.skipped_by_field[error.field or "(row)"] += 1
         if len(self.examples) < self.max_examples:
             self.examples.append(str(error))
+        if error.row is not None and len(self.skipped_rows) < self.max_examples:
+            self.skipped_rows.append(error.row)
 
     def summary(self) -> str:
-        """One line for logs: counts and the skip reasons by field."""
+        """One line for logs: counts, the skip reasons by field and the first skipped row numbers."""
         line = f"{self.source}: {self.rows} rows, {self.valid} valid, {self.skipped} skipped"
         if self.skipped_by_field:
             line += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped_by_field.items())) + ")"
+        if self.skipped_rows:
+            more = ", …" if self.skipped > len(self.skipped_rows) else ""
+            line += " at rows " + ", ".join(map(str, self.skipped_rows)) + more
         return line + (f", {self.selected} selected" if self.selected else "")
+
+
+def check_bad_fraction(stats: RowStats, max_bad_fraction: float) -> None:
+    """Raises DataError when more than `max_bad_fraction` of the rows `stats` counted were skipped as malformed.
+
+    Recipe runs skip and count a few bad rows (a 939k-row mixture has some) but stop on a broken source.
+    """
+    if stats.skipped > max_bad_fraction * stats.rows:
+        examples = "".join(f"\n  e.g. {example}" for example in stats.examples)
+        raise DataError(
+            f"{stats.skipped} of {stats.rows} rows are malformed, more than data.max_bad_fraction = "
+            f"{max_bad_fraction:g} of them: {stats.summary()}{examples}"
+        )
 
 
 def validate_messages(
@@ -106,13 +126,22 @@ def validate_messages(
             raise fail("the conversation starts with an assistant turn (no prompt before it)", f"{field}[0].role")
 
 
+def has_assistant_turn(messages: Any) -> bool:
+    """Whether `messages` (validated or not) is a list holding an assistant message."""
+    return isinstance(messages, list) and any(isinstance(m, Mapping) and m.get("role") == "assistant" for m in messages)
+
+
 def validate_sft_row(data: Any, *, file: str | None = None, row: int | None = None) -> None:
-    """Raises DataError unless `data` is an object whose `messages` pass `validate_messages`."""
+    """Raises DataError unless `data` is an object whose `messages` pass `validate_messages`.
+
+    A well-formed conversation without an assistant turn is valid here: it has nothing to train on, so the SFT data
+    path drops and counts it (as open-instruct trains on nothing from it) instead of failing the run.
+    """
     if not isinstance(data, Mapping):
         raise DataError(f"expected a JSON object, got {type(data).__name__}", file=file, row=row)
     if "messages" not in data:
         raise DataError("missing field", file=file, row=row, field="messages")
-    validate_messages(data["messages"], file=file, row=row)
+    validate_messages(data["messages"], file=file, row=row, require_assistant=has_assistant_turn(data["messages"]))
 
 
 def validate_text_row(data: Any, *, file: str | None = None, row: int | None = None) -> None:
@@ -287,8 +316,11 @@ def mix_sources(
     on_error: OnError = "raise",
     validate: Validator = validate_sft_row,
     shuffle: bool = True,
+    max_bad_fraction: float = 1.0,
 ) -> tuple[list[Row], list[RowStats]]:
     """A weighted mixture of several sources, deterministic in `seed`; also the per-source counts.
+
+    With on_error="skip", a source more than `max_bad_fraction` of whose rows are malformed raises DataError.
 
     Each source's subset is drawn with its own generator seeded by (seed, source position), so changing one source
     does not reshuffle the others; with `shuffle`, the concatenated mixture is then permuted by `seed`.
@@ -299,6 +331,7 @@ def mix_sources(
     all_stats = []
     for position, source in enumerate(sources):
         rows, stats = read_rows(source.path, on_error=on_error, validate=validate, split=source.split)
+        check_bad_fraction(stats, max_bad_fraction)
         count = source.target(len(rows))
         if count and not rows:
             raise DataError(f"{count} rows requested but the source has no valid rows", file=source.path)

@@ -9,7 +9,10 @@ Like open-instruct's `sft_tulu_tokenize_and_truncate`, turn boundaries come from
 assistant turn i starts where `messages[:i]` rendered with the generation prompt ends, and ends where `messages[:i+1]`
 rendered ends. Unlike it, the boundaries are character positions mapped onto the tokens of the ONE tokenization of the
 full text (via offsets), so a template or BPE whose prefixes tokenize differently cannot shift the mask; a template
-whose prefix renderings are not prefixes of the full text is an error, not a silently wrong mask.
+whose prefix renderings are not prefixes of the full text is an error, not a silently wrong mask. Consecutive
+assistant turns under the Tülu template are masked as the reference masks them (see `assistant_char_spans`).
+A conversation without an assistant turn has nothing to train on: `tokenize_sft` returns None for it, as for a row
+whose supervised tokens were all truncated away.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 import numpy as np
 
-from tulu_jax.data.rows import validate_messages
+from tulu_jax.data.rows import has_assistant_turn, validate_messages
 from tulu_jax.data.templates import apply_chat_template
 from tulu_jax.errors import ConfigError, DataError
 
@@ -64,6 +67,11 @@ def assistant_char_spans(
         if message["role"] != "assistant":
             continue
         before = render(messages[:i], True)
+        if i > 0 and not text.startswith(before) and messages[i - 1]["role"] == "assistant":
+            # The Tülu template writes a turn's closing "\n" only when another turn follows, so no prefix renders the
+            # generation prompt after an assistant turn. As in the reference (which masks only non-assistant turns),
+            # the turn then starts where the previous one ends: the "\n<|assistant|>\n" between them is trained.
+            before = render(messages[:i], False)
         through = render(messages[: i + 1], False)
         if not (through.startswith(before) and text.startswith(through)):
             raise DataError(
@@ -95,7 +103,7 @@ def tokenize_sft(
 
     Labels are the input ids on assistant tokens (see module docstring) and IGNORE_INDEX (-100) elsewhere; a token
     counts as assistant when its first character lies in an assistant span. Returns None when no supervised token is
-    left (e.g. truncation cut every assistant turn): the caller drops the row and counts it.
+    left (no assistant turn, or truncation cut every one): the caller drops the row and counts it.
     template: "tulu", "qwen2.5", "native" (the tokenizer's own) or a jinja string; file/row only label DataErrors.
     Raises DataError for a malformed conversation and ConfigError for an unusable tokenizer or template.
     """
@@ -105,7 +113,7 @@ def tokenize_sft(
         raise ConfigError(
             f"tokenize_sft needs a fast (Rust-backed) tokenizer for offsets, got {type(tokenizer).__name__}"
         )
-    validate_messages(list(messages), file=file, row=row)
+    validate_messages(list(messages), file=file, row=row, require_assistant=has_assistant_turn(messages))
     text, spans = assistant_char_spans(messages, tokenizer, template=template, file=file, row=row)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = np.asarray(encoding["input_ids"], dtype=np.int32)

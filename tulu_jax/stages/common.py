@@ -175,18 +175,23 @@ class DataSection:
 
     max_seq_len: rows are truncated to it (and counted). packing: padding-free packing of several rows per
     sequence (Tülu 3 did not pack; the loss and gradients are the same). on_error: `raise` stops at the first
-    malformed row (file/row/field named), `skip` skips and counts them. seed: the mixture draw and the shuffle.
+    malformed row (file/row/field named), `skip` skips and counts them (a summary line per source: counts per field,
+    first row numbers) and stops only when more than max_bad_fraction of a source's rows (or of the tokenized rows)
+    are malformed. seed: the mixture draw and the shuffle.
     """
 
     sources: list[SourceSection] = dataclasses.field(default_factory=list)
     max_seq_len: int = 4096
     packing: bool = False
     on_error: Literal["raise", "skip"] = "raise"
+    max_bad_fraction: float = 0.01
     seed: int = 0
     shuffle: bool = True
 
     def __post_init__(self) -> None:
         _positive(self.max_seq_len, "data.max_seq_len")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"'data.max_bad_fraction' must be in [0, 1], got {self.max_bad_fraction}")
 
 
 @dataclasses.dataclass

@@ -288,6 +288,7 @@ def run_dpo(config: DPOConfig, sharding_path: str, *, devices: Sequence[Any] | N
     pairs, stats = load_preference_pairs(
         sources, tokenizer, max_seq_len=config.data.max_seq_len, template=config.tokenizer.chat_template,
         seed=config.data.seed, on_error=config.data.on_error, shuffle=config.data.shuffle,
+        max_bad_fraction=config.data.max_bad_fraction,
     )
     print(stats.summary(), file=sys.stderr)
     source_name = ", ".join(s.path for s in config.data.sources)

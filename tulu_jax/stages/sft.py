@@ -102,31 +102,38 @@ class SFTDataReport:
     rows: int = 0  # rows of the mixture that were tokenized
     kept: int = 0
     truncated: int = 0  # kept rows cut to max_seq_len
-    no_supervised_tokens: int = 0  # dropped: nothing to train on (after truncation)
+    no_assistant_turn: int = 0  # dropped: a conversation without an assistant turn (nothing to train on)
+    no_supervised_tokens: int = 0  # dropped: nothing to train on after truncation
     skipped: int = 0  # dropped by on_error=skip at tokenization (e.g. a template failure)
+    skip_examples: list[str] = dataclasses.field(default_factory=list)  # the first few of those, verbatim
 
     def summary(self) -> str:
         """Human-readable lines for the log."""
         lines = [*self.source_summaries]
         lines.append(
             f"tokenized {self.rows} rows: {self.kept} kept, {self.truncated} truncated to max_seq_len, "
+            f"{self.no_assistant_turn} dropped with no assistant turn, "
             f"{self.no_supervised_tokens} dropped with no supervised token, {self.skipped} skipped"
         )
+        lines.extend(f"  e.g. {example}" for example in self.skip_examples)
         return "\n".join(lines)
 
 
 def tokenize_rows(
     rows: Sequence[Any], tokenizer: Any, *, max_seq_len: int, template: str, on_error: str,
-    format: Literal["chat", "text"] = "chat",
+    format: Literal["chat", "text"] = "chat", max_bad_fraction: float = 1.0,
 ) -> tuple[list[dict[str, np.ndarray]], SFTDataReport]:
     """`tulu_jax.data.rows.Row`s → tokenized {input_ids, labels} rows, truncated to max_seq_len.
 
-    A row repeated by the mixture is tokenized once. Rows with no supervised token left are dropped and counted;
-    a DataError raises (on_error="raise") or skips and counts the row. format "text": every token is supervised.
+    A row repeated by the mixture is tokenized once. Rows with no assistant turn or no supervised token left are
+    dropped and counted; a DataError raises (on_error="raise") or skips and counts the row, up to
+    `max_bad_fraction` of the rows (`check_bad_fraction`). format "text": every token is supervised.
     """
+    from tulu_jax.data.rows import RowStats, check_bad_fraction, has_assistant_turn
     from tulu_jax.data.sft import IGNORE_INDEX, tokenize_sft, tokenize_text
 
     report = SFTDataReport(source_summaries=[])
+    skips = RowStats("tokenization")
     cache: dict[tuple[str, int], dict[str, np.ndarray] | None | DataError] = {}
     out = []
     for row in rows:
@@ -145,8 +152,12 @@ def tokenize_rows(
             cache[key] = full
         full = cache[key]
         report.rows += 1
+        skips.rows += 1
         if isinstance(full, DataError):
-            report.skipped += 1
+            skips.record_skip(full)
+            continue
+        if format == "chat" and not has_assistant_turn(row.data["messages"]):
+            report.no_assistant_turn += 1
             continue
         if full is None:
             report.no_supervised_tokens += 1
@@ -158,6 +169,8 @@ def tokenize_rows(
         report.truncated += int(len(full["input_ids"]) > max_seq_len)
         report.kept += 1
         out.append({"input_ids": ids, "labels": labels})
+    report.skipped, report.skip_examples = skips.skipped, skips.examples
+    check_bad_fraction(skips, max_bad_fraction)
     return out, report
 
 
@@ -170,10 +183,10 @@ def prepare_sft_data(
     sources = [s.to_source() for s in data.sources]
     validate = validate_text_row if data.format == "text" else validate_sft_row
     mixture, stats = mix_sources(sources, seed=data.seed, on_error=data.on_error, shuffle=data.shuffle,
-                                 validate=validate)
+                                 validate=validate, max_bad_fraction=data.max_bad_fraction)
     rows, report = tokenize_rows(
         mixture, tokenizer, max_seq_len=data.max_seq_len, template=template, on_error=data.on_error,
-        format=data.format,
+        format=data.format, max_bad_fraction=data.max_bad_fraction,
     )
     report.source_summaries = [s.summary() for s in stats]
     return rows, report
