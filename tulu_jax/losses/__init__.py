@@ -1,6 +1,7 @@
 """Losses: pure functions of arrays (no model, no mesh), float32 inside, explicit denominators."""
 
 from tulu_jax.losses.common import count_sequences, masked_sum, safe_denominator, token_logps
+from tulu_jax.losses.distill import generalized_jsd, soft_cross_entropy, sparse_soft_cross_entropy
 from tulu_jax.losses.dpo import LOSS_TYPES, dpo_loss, needs_reference, sequence_logps, uses_average_logps
 from tulu_jax.losses.ppo import (
     GRPO_SCALES,
@@ -24,6 +25,7 @@ __all__ = [
     "count_sequences",
     "dpo_loss",
     "gae",
+    "generalized_jsd",
     "grpo_advantages",
     "grpo_nonzero_variance",
     "grpo_policy_loss",
@@ -35,6 +37,8 @@ __all__ = [
     "safe_denominator",
     "sequence_logps",
     "sft_loss",
+    "soft_cross_entropy",
+    "sparse_soft_cross_entropy",
     "token_logps",
     "uses_average_logps",
     "whiten",
