@@ -1,1 +1,2 @@
-"""Reinforcement learning with verifiable rewards (RLVR): the verifiers live in ``tulu_jax.rl.verifiers``."""
+"""Reinforcement learning with verifiable rewards (RLVR): verifiers in ``tulu_jax.rl.verifiers``, reward shaping in
+``tulu_jax.rl.rewards``."""
