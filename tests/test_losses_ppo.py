@@ -81,7 +81,8 @@ def test_gae_matches_python_loops(data, gamma, lam):
 
 def test_gae_equals_open_instruct_reversed_loop_on_right_padded_rows():
     """open-instruct (ppo_vllm_thread_ray_gtrl.py): values and rewards zeroed past the response, then
-    `nextvalues = values[:, t+1] if t < T-1 else 0; delta = r_t + γ·nextvalues − v_t; lastgaelam = delta + γλ·lastgaelam`.
+    `nextvalues = values[:, t+1] if t < T-1 else 0; delta = r_t + γ·nextvalues − v_t;
+    lastgaelam = delta + γλ·lastgaelam`.
     Responses start at position 0 and are right-padded there, so both must agree on every position."""
     rng = np.random.default_rng(1)
     lengths = np.array([9, 5, 1, 7, 3, 8])

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tulu_jax.rl.rewards import grpo_token_advantages, last_token_index, sequence_scores, token_rewards
+from tulu_jax.losses import last_token_index, last_token_values
+from tulu_jax.rl.rewards import grpo_token_advantages, sequence_scores, token_rewards
 
 
 def test_sequence_scores_alpha_and_non_stop_penalty_replacing_the_score():
@@ -19,9 +20,11 @@ def test_sequence_scores_alpha_and_non_stop_penalty_replacing_the_score():
     )
 
 
-def test_last_token_index():
+def test_last_token_index_and_values():
     mask = jnp.array([[1, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1]], bool)
     assert np.asarray(last_token_index(mask)).tolist() == [2, 2, -1, 2, 3]
+    values = jnp.arange(20.0).reshape(5, 4)
+    assert np.asarray(last_token_values(values, mask)).tolist() == [2.0, 6.0, 0.0, 14.0, 19.0]
 
 
 def test_token_rewards_kl_penalty_plus_score_at_the_last_response_token():

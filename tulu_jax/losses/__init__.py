@@ -15,6 +15,7 @@ from tulu_jax.losses.ppo import (
     ppo_value_loss,
     whiten,
 )
+from tulu_jax.losses.reward import last_token_index, last_token_values, reward_model_loss
 from tulu_jax.losses.sft import REDUCTIONS, sft_loss
 
 __all__ = [
@@ -30,10 +31,13 @@ __all__ = [
     "grpo_nonzero_variance",
     "grpo_policy_loss",
     "kl_estimate",
+    "last_token_index",
+    "last_token_values",
     "masked_sum",
     "needs_reference",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "reward_model_loss",
     "safe_denominator",
     "sequence_logps",
     "sft_loss",

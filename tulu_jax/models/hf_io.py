@@ -106,16 +106,26 @@ def load_hf_checkpoint(hf_dir: str | os.PathLike[str], *, dtype: Any = None, sha
     unexpected or wrong-shaped tensor.
     """
     hf_dir = os.fspath(hf_dir)
+    config = load_hf_config(os.path.join(hf_dir, "config.json"), **dtype_fields(dtype, overrides))
+    return load_module(hf_dir, config, lambda: Decoder(config, rngs=nnx.Rngs(0)), _sources(config), shardings)
+
+
+def dtype_fields(dtype: Any, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """ModelConfig fields for a load: param and compute dtype from `dtype`, then `overrides`."""
     fields: dict[str, Any] = {}
     if dtype is not None:
         name = jnp.dtype(dtype).name
         fields.update(param_dtype=name, compute_dtype=name)
     fields.update(overrides or {})
-    config = load_hf_config(os.path.join(hf_dir, "config.json"), **fields)
+    return fields
 
-    abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
+
+def load_module(hf_dir: str, config: ModelConfig, factory: Any, sources: dict[tuple[str, ...], _Source],
+                shardings: Any) -> Any:
+    """Build `factory()` (an nnx Module) with every parameter read from the HF tensors `sources` names (state path
+    -> source), after checking that exactly those tensors exist with the right shapes (`config` for the checks)."""
+    abstract = nnx.eval_shape(factory)
     graphdef, abstract_state = nnx.split(abstract)
-    sources = _sources(config)
     target_shardings = _flat_shardings(shardings) if shardings is not None else None
 
     with contextlib.ExitStack() as stack:

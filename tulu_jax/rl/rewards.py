@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from tulu_jax.losses.ppo import grpo_advantages, grpo_nonzero_variance
+from tulu_jax.losses.reward import last_token_index
 
 Array = jax.Array
 
@@ -42,12 +43,6 @@ def sequence_scores(
     if non_stop_penalty is None:
         return scores
     return jnp.where(jnp.asarray(finished, bool), scores, jnp.float32(non_stop_penalty))
-
-
-def last_token_index(mask: Array) -> Array:
-    """[N] int32 index of the last True position of each row of `mask` [N, T]; −1 for a row without any."""
-    positions = jnp.arange(mask.shape[-1], dtype=jnp.int32)
-    return jnp.max(jnp.where(mask.astype(bool), positions, -1), axis=-1)
 
 
 def token_rewards(scores: Array, kl: Array, mask: Array, *, kl_coef: float) -> Array:
