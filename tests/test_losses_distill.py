@@ -264,3 +264,33 @@ def test_vocabulary_check_names_sizes_and_tokenizers(tmp_path):
     other.add_tokens(["<extra_token>"])
     with pytest.raises(ConfigError, match="number tokens differently"):
         check_same_vocabulary(512, 512, student_tokenizer=other, teacher_tokenizer=tiny)
+
+
+def test_logits_sharded_over_batch_and_vocabulary_give_the_one_device_numbers():
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from tulu_jax.sharding import load_sharding, make_mesh
+
+    rng = np.random.default_rng(5)
+    student, teacher = (rng.normal(size=(8, 3, 16)).astype(np.float32) * 2 for _ in range(2))
+    mask = rng.random((8, 3)) < 0.7
+    ids = np.argsort(-teacher, -1)[..., :4].astype(np.int32)
+    probs = np.take_along_axis(np.asarray(jax.nn.softmax(jnp.asarray(teacher))), ids, -1)
+
+    @jax.jit
+    def both(student, teacher, mask, ids, probs):
+        def total(s):
+            jsd = generalized_jsd(s, teacher, mask, beta=0.5, temperature=2.0)[0]
+            return jsd + sparse_soft_cross_entropy(s, ids, probs, mask)[0]
+
+        return jax.value_and_grad(total)(student)
+
+    mesh = make_mesh(load_sharding("sharding/cpu-8.yaml"))
+    logits_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None, "tensor"))
+    rows_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    loss, grad = both(student, teacher, mask, ids, probs)
+    s_loss, s_grad = both(*(jax.device_put(x, logits_sharding) for x in (student, teacher)),
+                          jax.device_put(mask, rows_sharding), *(jax.device_put(x, rows_sharding) for x in (ids, probs)))
+    assert s_grad.sharding.num_devices == 8
+    np.testing.assert_allclose(float(s_loss), float(loss), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(s_grad), np.asarray(grad), rtol=1e-5, atol=1e-8)

@@ -301,3 +301,34 @@ def test_grpo_policy_loss_is_clipped_loss_plus_k3_term(data):
 def test_grpo_bad_arguments_raise_config_error(call):
     with pytest.raises(ConfigError, match="grpo"):
         call(jnp.arange(8.0))
+
+
+def test_sharded_batch_gives_the_one_device_numbers(data):
+    """GAE → whitening (a statistic of the WHOLE batch) → both losses and their gradients, jitted with the rows split
+    over 4 of the 8 CPU devices (data × fsdp), equal the one-device computation."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from tulu_jax.sharding import load_sharding, make_mesh
+
+    rows = np.r_[0:B, 0, 3]  # 8 rows: divisible by data × fsdp
+    a = {k: np.asarray(v)[rows] for k, v in data.items()}
+
+    @jax.jit
+    def step(a):
+        adv, ret = gae(a["rewards"], a["old_values"], a["mask"])
+        adv = whiten(adv, a["mask"])
+
+        def total(lp, v):
+            return (ppo_policy_loss(lp, a["old_logps"], adv, a["mask"])[0]
+                    + 0.1 * ppo_value_loss(v, a["old_values"], ret, a["mask"])[0])
+
+        return jax.value_and_grad(total, argnums=(0, 1))(a["logps"], a["values"])
+
+    mesh = make_mesh(load_sharding("sharding/cpu-8.yaml"))
+    rows_sharded = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
+    loss, (g_lp, g_v) = step(jax.device_put(a, jax.devices()[0]))
+    s_loss, (s_lp, s_v) = step(jax.device_put(a, rows_sharded))
+    assert s_lp.sharding.num_devices == 8
+    np.testing.assert_allclose(float(s_loss), float(loss), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(s_lp), np.asarray(g_lp), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(np.asarray(s_v), np.asarray(g_v), rtol=1e-6, atol=1e-8)
