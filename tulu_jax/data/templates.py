@@ -2,13 +2,15 @@
 
 A template is a jinja string usable as a transformers `chat_template`. Callers name one with `template=`:
 "tulu" (the recipe's template), "qwen2.5" (Qwen 2.5's own ChatML template), "native" (whatever template the
-tokenizer ships), or a jinja string of their own.
+tokenizer ships), a path to a Jinja file, or a jinja string of their own. `training_chat_template` adds the
+BOS option of the recipe's OLMo 2 models.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.resources
+import pathlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +51,8 @@ def qwen25_chat_template() -> str:
 
 
 def resolve_chat_template(tokenizer: PreTrainedTokenizerBase, template: str) -> str:
-    """The jinja source for `template`: "tulu", "qwen2.5", "native" (the tokenizer's own) or a jinja string."""
+    """The jinja source for `template`: "tulu", "qwen2.5", "native" (the tokenizer's own), a jinja string, or the
+    path of a Jinja file (read as UTF-8)."""
     if template == "tulu":
         if not getattr(tokenizer, "eos_token", None):
             raise ConfigError("the tulu chat template ends assistant turns with eos_token, but the tokenizer has none")
@@ -64,9 +67,33 @@ def resolve_chat_template(tokenizer: PreTrainedTokenizerBase, template: str) -> 
                 f"template='native' but the tokenizer {name} has no chat_template; use template='tulu' or give one"
             )
         return native
-    if "{{" in template or "{%" in template:
+    if is_inline_jinja(template):
         return template
-    raise ConfigError(f"unknown chat template {template!r}: expected one of {NAMED_TEMPLATES} or a jinja string")
+    if pathlib.Path(template).expanduser().is_file():
+        return pathlib.Path(template).expanduser().read_text("utf-8")
+    raise ConfigError(
+        f"unknown chat template {template!r}: expected one of {NAMED_TEMPLATES}, a path to a Jinja file (none "
+        "there) or a jinja string"
+    )
+
+
+def is_inline_jinja(template: str) -> bool:
+    """Whether a template spec is jinja source itself (rather than a name or a file path)."""
+    return "{{" in template or "{%" in template
+
+
+def training_chat_template(tokenizer: PreTrainedTokenizerBase, template: str, *, add_bos: bool = False) -> str:
+    """The jinja source a run trains (and exports) with: `template` resolved (see `resolve_chat_template`), with
+    `{{ bos_token }}` in front when `add_bos` (open-instruct's `--add_bos`, used for the OLMo 2 Tülu models, whose
+    tokenizer adds no BOS itself; our text is tokenized without special tokens, so the template must write it)."""
+    source = resolve_chat_template(tokenizer, template)
+    if not add_bos:
+        return source
+    if not getattr(tokenizer, "bos_token", None):
+        raise ConfigError("tokenizer.add_bos is set but the tokenizer has no bos_token")
+    if "bos_token" in source:
+        raise ConfigError("tokenizer.add_bos is set but the chat template already writes bos_token (it would be doubled)")
+    return "{{ bos_token }}" + source
 
 
 def apply_chat_template(

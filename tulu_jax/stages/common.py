@@ -24,6 +24,7 @@ there is looked up inside the installed package, so bundled assets (`tulu_jax/as
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -142,10 +143,23 @@ class ModelSection:
 @dataclasses.dataclass
 class TokenizerSection:
     """The tokenizer: a local HF tokenizer directory (default: model.path), or `qwen2.5` for the offline-built
-    Qwen 2.5 tokenizer. chat_template: tulu | native (the tokenizer's own) | qwen2.5."""
+    Qwen 2.5 tokenizer. chat_template: tulu | native (the tokenizer's own) | qwen2.5 | a path to a Jinja file |
+    inline Jinja. add_bos: the template starts with the BOS token (the recipe's OLMo 2 models were trained so).
+    The run trains with, and exports, exactly that template (`load_stage_tokenizer`)."""
 
     path: str | None = None
-    chat_template: Literal["tulu", "native", "qwen2.5"] = "tulu"
+    chat_template: str = "tulu"
+    add_bos: bool = False
+
+    def __post_init__(self) -> None:
+        from tulu_jax.data.templates import NAMED_TEMPLATES, is_inline_jinja
+
+        spec = self.chat_template
+        if spec not in NAMED_TEMPLATES and not is_inline_jinja(spec) and not resolve_path(spec).is_file():
+            raise ValueError(
+                f"'tokenizer.chat_template' must be one of {list(NAMED_TEMPLATES)}, a path to a Jinja file or inline "
+                f"Jinja; no file {spec!r}"
+            )
 
 
 @dataclasses.dataclass
@@ -373,15 +387,23 @@ def resolve_model_config(
 
 
 def load_stage_tokenizer(section: TokenizerSection, model: ModelSection) -> Any:
-    """The run's tokenizer (tokenizer.path, else model.path); `qwen2.5` builds Qwen 2.5's offline."""
+    """The run's tokenizer (tokenizer.path, else model.path; `qwen2.5` builds Qwen 2.5's offline) with its
+    `chat_template` set to the run's training template (tokenizer.chat_template and add_bos, resolved): stages
+    render conversations with `tokenizer.chat_template`."""
+    from tulu_jax.data.templates import NAMED_TEMPLATES, is_inline_jinja, training_chat_template
     from tulu_jax.data.tokenizers import load_tokenizer, qwen25_tokenizer
 
     path = section.path if section.path is not None else model.path
     if path is None:
         raise ConfigError("tokenizer.path is not set and there is no model.path to take the tokenizer from")
-    if path == "qwen2.5":
-        return qwen25_tokenizer()
-    return load_tokenizer(resolve_path(path))
+    # qwen25_tokenizer() is shared within the process: this run sets its own template on a copy.
+    tokenizer = copy.deepcopy(qwen25_tokenizer()) if path == "qwen2.5" else load_tokenizer(resolve_path(path))
+    # The template the run trains with becomes the tokenizer's own, so that the run's tokenizer/ copy and the hf/
+    # export prompt the model as training did (as open-instruct saves it).
+    spec = section.chat_template
+    spec = spec if spec in NAMED_TEMPLATES or is_inline_jinja(spec) else str(resolve_path(spec))
+    tokenizer.chat_template = training_chat_template(tokenizer, spec, add_bos=section.add_bos)
+    return tokenizer
 
 
 def make_stage_optimizer(optim: OptimSection, total_steps: int) -> Optimizer:

@@ -286,7 +286,7 @@ def run_dpo(config: DPOConfig, sharding_path: str, *, devices: Sequence[Any] | N
     accum = resolve_grad_accum(config.train, mesh, spec)
     sources = [s.to_source() for s in config.data.sources]
     pairs, stats = load_preference_pairs(
-        sources, tokenizer, max_seq_len=config.data.max_seq_len, template=config.tokenizer.chat_template,
+        sources, tokenizer, max_seq_len=config.data.max_seq_len, template=tokenizer.chat_template,
         seed=config.data.seed, on_error=config.data.on_error, shuffle=config.data.shuffle,
         max_bad_fraction=config.data.max_bad_fraction,
     )

@@ -419,7 +419,8 @@ def main(args: argparse.Namespace) -> int:
 
     data = resolve_path(args.data)
     model = load_eval_model(os.fspath(resolve_path(args.model)), args.sharding, args.dtype)
-    tokenizer = load_stage_tokenizer(TokenizerSection(path=args.tokenizer), ModelSection(path=args.model))
+    tokenizer = load_stage_tokenizer(TokenizerSection(path=args.tokenizer, chat_template=args.chat_template),
+                                     ModelSection(path=args.model))
     out_path = pathlib.Path(args.out) if args.out is not None else default_out_path(data)
     result = evaluate(
         model, tokenizer, data, chat_template=args.chat_template, max_new_tokens=args.max_new_tokens,

@@ -267,7 +267,7 @@ def run_sft(config: SFTConfig, sharding_path: str, *, devices: Sequence[Any] | N
     tokenizer = load_stage_tokenizer(config.tokenizer, config.model)
     model_config = resolve_model_config(config.model, tokenizer)
     accum = resolve_grad_accum(config.train, mesh, spec)
-    rows, report = prepare_sft_data(config.data, tokenizer, config.tokenizer.chat_template)
+    rows, report = prepare_sft_data(config.data, tokenizer, tokenizer.chat_template)
     print(report.summary(), file=sys.stderr)
 
     pipeline = PipelineConfig(
