@@ -142,11 +142,17 @@ def test_sharded_forward_and_import_equal_unsharded(exported):
 
 def test_value_model_from_the_policy_keeps_the_backbone_and_drops_the_lm_head():
     config = tiny_config("llama")
-    policy = Decoder(config, nnx.Rngs(5))
+    spec = load_sharding("sharding/cpu-8.yaml")
+    policy = init_sharded(lambda: Decoder(config, nnx.Rngs(5)), make_mesh(spec), spec)
     value_model = reward_model_from_decoder(policy, nnx.Rngs(6))
     assert not hasattr(value_model.decoder, "unembed") and hasattr(policy, "unembed")
+    embed, policy_embed = value_model.decoder.embed[...], policy.embed[...]
+    assert embed.sharding == policy_embed.sharding and embed.sharding.num_devices == 8
+    policy_embed.delete()  # as a donating train step of the policy would: the value model has its own copy
+    assert not embed.is_deleted()
     ids, mask = right_padded_batch()
-    hidden = np.asarray(policy.hidden(jnp.asarray(ids), jnp.asarray(mask)))
+    fresh_policy = Decoder(config, nnx.Rngs(5))
+    hidden = np.asarray(nnx.jit(lambda m, i, a: m.hidden(i, a))(fresh_policy, jnp.asarray(ids), jnp.asarray(mask)))
     expected = hidden @ np.asarray(value_model.score[...])[:, 0]
     values = per_token(value_model, jnp.asarray(ids), jnp.asarray(mask))
     np.testing.assert_allclose(np.asarray(values), expected, rtol=1e-5, atol=1e-6)

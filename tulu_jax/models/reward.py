@@ -23,6 +23,11 @@ def backbone_config(config: ModelConfig) -> ModelConfig:
     return config.replace(tie_word_embeddings=True)
 
 
+def _score_param(config: ModelConfig, rngs: nnx.Rngs) -> nnx.Param:
+    value = _INIT_STD * jax.random.normal(rngs.params(), (config.hidden_size, 1), jnp.float32)
+    return nnx.Param(value.astype(config.param_dtype), out_sharding=("embed", None), eager_sharding=False)
+
+
 class RewardModel(nnx.Module):
     """Decoder backbone + scalar head: r_t = score · h_t on the final-normed hidden states, float32."""
 
@@ -30,8 +35,7 @@ class RewardModel(nnx.Module):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         self.decoder = Decoder(backbone_config(config), rngs=rngs)
-        value = (_INIT_STD * jax.random.normal(rngs.params(), (config.hidden_size, 1), jnp.float32))
-        self.score = nnx.Param(value.astype(config.param_dtype), out_sharding=("embed", None), eager_sharding=False)
+        self.score = _score_param(config, rngs)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                  positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -52,13 +56,18 @@ class RewardModel(nnx.Module):
 
 
 def reward_model_from_decoder(decoder: Decoder, rngs: nnx.Rngs | None = None) -> RewardModel:
-    """A RewardModel whose backbone is `decoder`'s parameters (its LM head dropped) and whose head is fresh: the
-    "value model from the policy" initialization."""
-    model = RewardModel(decoder.config, rngs)
+    """A RewardModel whose backbone is a copy of `decoder`'s parameters (in their shardings; its LM head dropped)
+    and whose head is fresh: the "value model from the policy" initialization. Nothing full-size is built on one
+    device; the copy keeps the two models' buffers apart, so donating one's state in a step never frees the other's.
+    """
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    config = decoder.config
+    model = nnx.eval_shape(lambda: RewardModel(config, nnx.Rngs(0)))
     params = nnx.state(decoder, nnx.Param)
     if "unembed" in params:
         del params["unembed"]
-    nnx.update(model.decoder, params)
+    nnx.update(model.decoder, jax.tree.map(jnp.copy, params))
+    model.score = _score_param(config, rngs)
     return model
 
 
