@@ -9,6 +9,7 @@ import torch
 
 from tulu_jax.errors import ConfigError
 from tulu_jax.losses import (
+    explained_variance,
     gae,
     grpo_advantages,
     grpo_nonzero_variance,
@@ -16,6 +17,7 @@ from tulu_jax.losses import (
     kl_estimate,
     ppo_policy_loss,
     ppo_value_loss,
+    token_entropy,
     whiten,
 )
 
@@ -332,3 +334,22 @@ def test_sharded_batch_gives_the_one_device_numbers(data):
     np.testing.assert_allclose(float(s_loss), float(loss), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(s_lp), np.asarray(g_lp), rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(np.asarray(s_v), np.asarray(g_v), rtol=1e-6, atol=1e-8)
+
+
+def test_explained_variance_and_entropy_metrics(data):
+    mask = data["mask"]
+    v, r = data["values"].astype(np.float64)[mask], data["returns"].astype(np.float64)[mask]
+    expected = 1 - np.var(r - v) / np.var(r)
+    out = explained_variance(jnp.asarray(data["values"]), jnp.asarray(data["returns"]), jnp.asarray(mask))
+    np.testing.assert_allclose(float(out), expected, **TOL)
+    perfect = explained_variance(jnp.asarray(data["returns"]), jnp.asarray(data["returns"]), jnp.asarray(mask))
+    assert float(perfect) == 1.0
+    constant = explained_variance(jnp.asarray(data["values"]), jnp.ones((B, T)), jnp.asarray(mask))
+    assert float(constant) == 0.0
+
+    logits = np.random.default_rng(4).normal(size=(3, 4, 7)) * 3
+    p = torch.softmax(torch.tensor(logits), -1)
+    expected_entropy = torch.distributions.Categorical(probs=p).entropy().numpy()
+    np.testing.assert_allclose(np.asarray(token_entropy(jnp.asarray(logits, jnp.float32))), expected_entropy, **TOL)
+    uniform = token_entropy(jnp.zeros((2, 7)))
+    np.testing.assert_allclose(np.asarray(uniform), np.log(7), rtol=1e-6)

@@ -6,6 +6,7 @@ from tulu_jax.losses.dpo import LOSS_TYPES, dpo_loss, needs_reference, sequence_
 from tulu_jax.losses.ppo import (
     GRPO_SCALES,
     KL_KINDS,
+    explained_variance,
     gae,
     grpo_advantages,
     grpo_nonzero_variance,
@@ -13,6 +14,7 @@ from tulu_jax.losses.ppo import (
     kl_estimate,
     ppo_policy_loss,
     ppo_value_loss,
+    token_entropy,
     whiten,
 )
 from tulu_jax.losses.reward import last_token_index, last_token_values, reward_model_loss
@@ -25,6 +27,7 @@ __all__ = [
     "REDUCTIONS",
     "count_sequences",
     "dpo_loss",
+    "explained_variance",
     "gae",
     "generalized_jsd",
     "grpo_advantages",
@@ -43,6 +46,7 @@ __all__ = [
     "sft_loss",
     "soft_cross_entropy",
     "sparse_soft_cross_entropy",
+    "token_entropy",
     "token_logps",
     "uses_average_logps",
     "whiten",

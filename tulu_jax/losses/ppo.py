@@ -257,3 +257,23 @@ def grpo_nonzero_variance(rewards: Array, group_size: int) -> tuple[Array, Array
     varied = jnp.max(groups, axis=1) > jnp.min(groups, axis=1)
     keep = jnp.repeat(varied, group_size)
     return keep, jnp.sum(~varied, dtype=jnp.int32)
+
+
+def explained_variance(values: Array, returns: Array, mask: Array) -> Array:
+    """1 − Var(R − V) / Var(R) over the mask tokens of the whole batch (1: the value model predicts the returns,
+    0: no better than their mean, < 0: worse). A batch whose returns do not vary gives 0, not NaN."""
+    m = mask.astype(bool)
+    v, r = _masked(values, m), _masked(returns, m)
+    n = safe_denominator(jnp.sum(m))
+
+    def variance(x: Array) -> Array:
+        return masked_sum(jnp.square(x - masked_sum(x, m) / n), m) / n
+
+    var_returns = variance(r)
+    return jnp.where(var_returns > 0, 1.0 - variance(r - v) / jnp.where(var_returns > 0, var_returns, 1.0), 0.0)
+
+
+def token_entropy(logits: Array) -> Array:
+    """Entropy −Σ_x p(x) log p(x) of softmax(logits) per position, float32: logits [..., V] → [...]."""
+    log_p = jax.nn.log_softmax(_float(logits), axis=-1)
+    return -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
