@@ -1,4 +1,5 @@
-"""Decoder models (Llama 3.x, Qwen 2/2.5, OLMo 2), the reward/value model, and their Hugging Face import/export."""
+"""Decoder models (Llama 3.x, Qwen 2/2.5, OLMo 2, Gemma 2, Gemma 3 text), the reward/value model, and their Hugging
+Face import/export."""
 
 from tulu_jax.models.config import ModelConfig, load_hf_config
 from tulu_jax.models.decoder import Decoder, KVCache

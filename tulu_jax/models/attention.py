@@ -1,4 +1,4 @@
-"""Grouped-query attention with boolean masks: packed/padded causal masks and KV-cache masks."""
+"""Grouped-query attention with boolean masks: packed/padded causal masks, KV-cache masks, sliding windows."""
 
 from __future__ import annotations
 
@@ -26,15 +26,26 @@ def cache_mask(key_mask: jax.Array, index: jax.Array, num_queries: int) -> jax.A
     return causal[None] & key_mask[:, None, :]
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def window_mask(mask: jax.Array, query_slots: jax.Array, window: int) -> jax.Array:
+    """`mask` [B, T, S] narrowed to a sliding window: query t (at slot query_slots[t]) also needs key slot j with
+    query_slots[t] - j < window (transformers' sliding_window_overlay, in slots: within one left-padded row or one
+    packed segment, slot distance is position distance)."""
+    slots = jnp.arange(mask.shape[-1])
+    return mask & (query_slots[:, None] - slots[None, :] < window)[None]
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, softcap: float | None = None) -> jax.Array:
     """Softmax attention, q [B,T,N,D], k/v [B,S,K,D] (N a multiple of K), mask bool [B,T,S] -> [B,T,N,D].
 
-    q must already carry the 1/sqrt(D) scale. Scores and softmax are float32 whatever the compute dtype.
+    q must already carry the query scale. Scores and softmax are float32 whatever the compute dtype. `softcap`
+    (Gemma 2) maps the scores to softcap · tanh(scores / softcap) before masking.
     """
     b, t, n, d = q.shape
     kv_heads = k.shape[2]
     qg = q.reshape(b, t, kv_heads, n // kv_heads, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)

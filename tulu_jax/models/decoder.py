@@ -1,4 +1,5 @@
-"""The decoder-only transformer (Llama 3.x / Qwen 2 / OLMo 2) in Flax NNX, with scanned layers and a KV cache.
+"""The decoder-only transformer (Llama 3.x / Qwen 2 / OLMo 2 / Gemma 2 / Gemma 3) in Flax NNX, with scanned layers
+and a KV cache.
 
 Layer parameters are stacked along a leading `layers` axis and the stack runs under one `jax.lax.scan`, so compile
 time does not grow with depth. Every parameter carries logical axis names (`out_sharding` metadata) only.
@@ -16,7 +17,8 @@ from flax import nnx
 
 from tulu_jax.models.attention import attend, cache_mask, segment_causal_mask
 from tulu_jax.models.config import ModelConfig
-from tulu_jax.models.rope import apply_rope, rope_angles, rope_inv_freq
+from tulu_jax.models.layer_pattern import LayerInputs, sliding_flags
+from tulu_jax.models.rope import apply_rope
 
 _INIT_STD = 0.02  # transformers' initializer_range default for all three families
 
@@ -37,6 +39,13 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, axes: tuple[int, ...] 
     return (weight.astype(jnp.float32) * y).astype(x.dtype)
 
 
+def _norm(config: ModelConfig, x: jax.Array, weight: jax.Array, axes: tuple[int, ...] = (-1,)) -> jax.Array:
+    """The config's RMSNorm: Gemma's scales by (1 + weight), in float32 as transformers does."""
+    if config.norm_unit_offset:
+        weight = 1.0 + weight.astype(jnp.float32)
+    return rms_norm(x, weight, config.rms_norm_eps, axes)
+
+
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], dtype: str, init: str) -> nnx.Param:
     if init == "normal":
         value = (_INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
@@ -50,13 +59,14 @@ def layer_param_specs(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], t
     """Per-layer parameters: name -> (shape without the layers axis, logical axis names, init)."""
     h, i, n, k, d = (config.hidden_size, config.intermediate_size, config.num_heads, config.num_kv_heads,
                      config.head_dim)
+    norm_init = "zeros" if config.norm_unit_offset else "ones"  # the identity norm either way
     specs = {
-        "attn_norm": ((h,), ("embed",), "ones"),
+        "attn_norm": ((h,), ("embed",), norm_init),
         "q_proj": ((h, n, d), ("embed", "heads", "head_dim"), "normal"),
         "k_proj": ((h, k, d), ("embed", "kv_heads", "head_dim"), "normal"),
         "v_proj": ((h, k, d), ("embed", "kv_heads", "head_dim"), "normal"),
         "o_proj": ((n, d, h), ("heads", "head_dim", "embed"), "normal"),
-        "mlp_norm": ((h,), ("embed",), "ones"),
+        "mlp_norm": ((h,), ("embed",), norm_init),
         "gate_proj": ((h, i), ("embed", "mlp"), "normal"),
         "up_proj": ((h, i), ("embed", "mlp"), "normal"),
         "down_proj": ((i, h), ("mlp", "embed"), "normal"),
@@ -65,9 +75,15 @@ def layer_param_specs(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], t
         specs["q_bias"] = ((n, d), ("heads", "head_dim"), "zeros")
         specs["k_bias"] = ((k, d), ("kv_heads", "head_dim"), "zeros")
         specs["v_bias"] = ((k, d), ("kv_heads", "head_dim"), "zeros")
-    if config.qk_norm:
-        specs["q_norm"] = ((n, d), ("heads", "head_dim"), "ones")
-        specs["k_norm"] = ((k, d), ("kv_heads", "head_dim"), "ones")
+    if config.qk_norm and config.qk_norm_per_head:
+        specs["q_norm"] = ((d,), ("head_dim",), norm_init)
+        specs["k_norm"] = ((d,), ("head_dim",), norm_init)
+    elif config.qk_norm:
+        specs["q_norm"] = ((n, d), ("heads", "head_dim"), norm_init)
+        specs["k_norm"] = ((k, d), ("kv_heads", "head_dim"), norm_init)
+    if config.norm_placement == "sandwich":
+        specs["post_attn_norm"] = ((h,), ("embed",), norm_init)
+        specs["post_mlp_norm"] = ((h,), ("embed",), norm_init)
     return specs
 
 
@@ -91,29 +107,42 @@ def _block(config: ModelConfig, p: dict[str, jax.Array], h: jax.Array, cos: jax.
 
     `attend_fn(q, k, v) -> (attention output, aux)` does the masked (maybe cached) attention; aux is passed through.
     """
-    dt, eps = config.compute_dtype, config.rms_norm_eps
+    dt = config.compute_dtype
     w = {name: value.astype(dt) for name, value in p.items()}
-    pre = config.norm_placement == "pre"
 
-    x = rms_norm(h, w["attn_norm"], eps) if pre else h
-    q = jnp.einsum("bth,hnd->btnd", x, w["q_proj"])
-    k = jnp.einsum("bth,hnd->btnd", x, w["k_proj"])
-    v = jnp.einsum("bth,hnd->btnd", x, w["v_proj"])
-    if config.attention_bias:
-        q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
-    if config.qk_norm:  # OLMo 2: RMSNorm over the whole projection (all heads), before RoPE
-        q = rms_norm(q, w["q_norm"], eps, axes=(-2, -1))
-        k = rms_norm(k, w["k_norm"], eps, axes=(-2, -1))
-    q = apply_rope(q, cos, sin) * jnp.asarray(config.head_dim**-0.5, dt)
-    k = apply_rope(k, cos, sin)
-    attn, aux = attend_fn(q, k, v)
-    a = jnp.einsum("btnd,ndh->bth", attn, w["o_proj"])
-    h = h + (a if pre else rms_norm(a, w["attn_norm"], eps))
+    def attention(x: jax.Array) -> tuple[jax.Array, Any]:
+        q = jnp.einsum("bth,hnd->btnd", x, w["q_proj"])
+        k = jnp.einsum("bth,hnd->btnd", x, w["k_proj"])
+        v = jnp.einsum("bth,hnd->btnd", x, w["v_proj"])
+        if config.attention_bias:
+            q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
+        if config.qk_norm:  # before RoPE; OLMo 2: over the whole projection (all heads), Gemma 3: over each head
+            axes = (-1,) if config.qk_norm_per_head else (-2, -1)
+            q, k = _norm(config, q, w["q_norm"], axes), _norm(config, k, w["k_norm"], axes)
+        q = apply_rope(q, cos, sin) * jnp.asarray(config.query_scale, dt)
+        k = apply_rope(k, cos, sin)
+        attn, aux = attend_fn(q, k, v)
+        return jnp.einsum("btnd,ndh->bth", attn, w["o_proj"]), aux
 
-    x = rms_norm(h, w["mlp_norm"], eps) if pre else h
-    m = jax.nn.silu(x @ w["gate_proj"]) * (x @ w["up_proj"])
-    m = m @ w["down_proj"]
-    return h + (m if pre else rms_norm(m, w["mlp_norm"], eps)), aux
+    def mlp(x: jax.Array) -> tuple[jax.Array, None]:
+        gate = x @ w["gate_proj"]
+        gate = jax.nn.silu(gate) if config.hidden_act == "silu" else jax.nn.gelu(gate, approximate=True)  # GeGLU
+        return (gate * (x @ w["up_proj"])) @ w["down_proj"], None
+
+    h, aux = _residual(config, w, h, "attn_norm", "post_attn_norm", attention)
+    h, _ = _residual(config, w, h, "mlp_norm", "post_mlp_norm", mlp)
+    return h, aux
+
+
+def _residual(config: ModelConfig, w: dict[str, jax.Array], h: jax.Array, norm: str, post_norm: str,
+              branch: Callable[[jax.Array], tuple[jax.Array, Any]]) -> tuple[jax.Array, Any]:
+    """h + branch(h) under the config's norm placement: "pre" norms the branch input, "post" (OLMo 2) its output
+    with the same `norm` weights, "sandwich" (Gemma) both, the output with the `post_norm` weights."""
+    placement = config.norm_placement
+    out, aux = branch(h if placement == "post" else _norm(config, h, w[norm]))
+    if placement != "pre":
+        out = _norm(config, out, w[norm if placement == "post" else post_norm])
+    return h + out, aux
 
 
 def _remat(config: ModelConfig, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -133,7 +162,8 @@ class Decoder(nnx.Module):
         pdt = config.param_dtype
         self.embed = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), pdt, "normal")
         self.layers = DecoderLayers(config, rngs)
-        self.final_norm = _param(rngs, (config.hidden_size,), ("embed",), pdt, "ones")
+        self.final_norm = _param(rngs, (config.hidden_size,), ("embed",), pdt,
+                                 "zeros" if config.norm_unit_offset else "ones")
         if not config.tie_word_embeddings:
             self.unembed = _param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), pdt, "normal")
 
@@ -151,24 +181,29 @@ class Decoder(nnx.Module):
         """Final-normed hidden states [B, T, H] in the compute dtype (same arguments as `__call__`)."""
         cfg = self.config
         positions, segment_ids = _positions_and_segments(input_ids, attention_mask, positions, segment_ids)
-        cos, sin = rope_angles(positions, rope_inv_freq(cfg))
-        mask = segment_causal_mask(segment_ids)
+        inputs = LayerInputs.build(cfg, positions, segment_causal_mask(segment_ids), jnp.arange(input_ids.shape[1]))
 
-        def body(h: jax.Array, p: dict[str, jax.Array]) -> tuple[jax.Array, None]:
-            h, _ = _block(cfg, p, h, cos, sin, lambda q, k, v: (attend(q, k, v, mask), None))
+        def body(h: jax.Array, xs: tuple[dict[str, jax.Array], jax.Array]) -> tuple[jax.Array, None]:
+            p, sliding = xs
+            layer = inputs.at(sliding)
+            h, _ = _block(cfg, p, h, layer.cos, layer.sin,
+                          lambda q, k, v: (attend(q, k, v, layer.mask, softcap=cfg.attn_logit_softcap), None))
             return h, None
 
-        h, _ = jax.lax.scan(_remat(cfg, body), self._embed(input_ids), self.layers.stacked())
-        return rms_norm(h, self.final_norm[...].astype(cfg.compute_dtype), cfg.rms_norm_eps)
+        h, _ = jax.lax.scan(_remat(cfg, body), self._embed(input_ids), (self.layers.stacked(), sliding_flags(cfg)))
+        return _norm(cfg, h, self.final_norm[...].astype(cfg.compute_dtype))
 
     def lm_head(self, hidden: jax.Array) -> jax.Array:
-        """float32 logits [..., V] from final hidden states [..., H]."""
+        """float32 logits [..., V] from final hidden states [..., H] (soft-capped when the config says so)."""
         dt = self.config.compute_dtype
         if self.config.tie_word_embeddings:
-            return jnp.einsum("...h,vh->...v", hidden.astype(dt), self.embed[...].astype(dt),
-                              preferred_element_type=jnp.float32)
-        return jnp.einsum("...h,hv->...v", hidden.astype(dt), self.unembed[...].astype(dt),
-                          preferred_element_type=jnp.float32)
+            logits = jnp.einsum("...h,vh->...v", hidden.astype(dt), self.embed[...].astype(dt),
+                                preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("...h,hv->...v", hidden.astype(dt), self.unembed[...].astype(dt),
+                                preferred_element_type=jnp.float32)
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else cap * jnp.tanh(logits / cap)
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty cache of `max_len` slots for `batch` rows, in the compute dtype."""
@@ -187,13 +222,13 @@ class Decoder(nnx.Module):
         cfg = self.config
         t = input_ids.shape[1]
         index = cache.index
-        cos, sin = rope_angles(positions, rope_inv_freq(cfg))
-        mask = cache_mask(key_mask, index, t)
+        inputs = LayerInputs.build(cfg, positions, cache_mask(key_mask, index, t), index + jnp.arange(t))
 
         def body(carry: tuple[jax.Array, jax.Array, jax.Array],
                  xs: tuple[dict[str, jax.Array], jax.Array]) -> tuple[tuple[jax.Array, jax.Array, jax.Array], None]:
             h, k_all, v_all = carry
-            p, layer = xs
+            p, layer, sliding = xs
+            layer_inputs = inputs.at(sliding)
 
             def attend_cached(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, Any]:
                 # Write this layer's new keys/values in place into the full cache (the carry, so XLA updates it
@@ -203,19 +238,22 @@ class Decoder(nnx.Module):
                 v_new = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], start)
                 keys = jax.lax.dynamic_index_in_dim(k_new, layer, keepdims=False)
                 values = jax.lax.dynamic_index_in_dim(v_new, layer, keepdims=False)
-                return attend(q, keys, values, mask), (k_new, v_new)
+                return attend(q, keys, values, layer_inputs.mask, softcap=cfg.attn_logit_softcap), (k_new, v_new)
 
-            h, (k_all, v_all) = _block(cfg, p, h, cos, sin, attend_cached)
+            h, (k_all, v_all) = _block(cfg, p, h, layer_inputs.cos, layer_inputs.sin, attend_cached)
             return (h, k_all, v_all), None
 
         layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         (h, k_all, v_all), _ = jax.lax.scan(body, (self._embed(input_ids), cache.k, cache.v),
-                                            (self.layers.stacked(), layers))
-        h = rms_norm(h, self.final_norm[...].astype(cfg.compute_dtype), cfg.rms_norm_eps)
+                                            (self.layers.stacked(), layers, sliding_flags(cfg)))
+        h = _norm(cfg, h, self.final_norm[...].astype(cfg.compute_dtype))
         return self.lm_head(h), KVCache(k=k_all, v=v_all, index=index + t)
 
     def _embed(self, input_ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embed[...], input_ids, axis=0).astype(self.config.compute_dtype)
+        dt = self.config.compute_dtype
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)
+        # Gemma: × √hidden_size, the factor rounded to the compute dtype as transformers does.
+        return x * jnp.asarray(self.config.hidden_size**0.5, dt) if self.config.scale_embeddings else x
 
 
 def _positions_and_segments(input_ids: jax.Array, attention_mask: jax.Array | None, positions: jax.Array | None,

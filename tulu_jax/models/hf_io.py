@@ -61,12 +61,16 @@ def _sources(config: ModelConfig) -> dict[tuple[str, ...], _Source]:
     """Decoder state path -> HF source, for this config."""
     h, i, n, k, d, v = (config.hidden_size, config.intermediate_size, config.num_heads, config.num_kv_heads,
                         config.head_dim, config.vocab_size)
-    pre = config.norm_placement == "pre"
     layer = "model.layers.{i}."
+    norms = {  # Decoder norm -> HF module, per norm placement
+        "pre": {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
+        "post": {"attn_norm": "post_attention_layernorm", "mlp_norm": "post_feedforward_layernorm"},
+        "sandwich": {"attn_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm",
+                     "mlp_norm": "pre_feedforward_layernorm", "post_mlp_norm": "post_feedforward_layernorm"},
+    }[config.norm_placement]
+    q_norm, k_norm = ((d,), (d,)) if config.qk_norm_per_head else ((n, d), (k, d))
     per_layer = {
-        "attn_norm": ("input_layernorm.weight" if pre else "post_attention_layernorm.weight", False, ((h,),)),
-        "mlp_norm": ("post_attention_layernorm.weight" if pre else "post_feedforward_layernorm.weight", False,
-                     ((h,),)),
+        **{name: (f"{module}.weight", False, ((h,),)) for name, module in norms.items()},
         "q_proj": ("self_attn.q_proj.weight", True, ((h,), (n, d))),
         "k_proj": ("self_attn.k_proj.weight", True, ((h,), (k, d))),
         "v_proj": ("self_attn.v_proj.weight", True, ((h,), (k, d))),
@@ -77,8 +81,8 @@ def _sources(config: ModelConfig) -> dict[tuple[str, ...], _Source]:
         "q_bias": ("self_attn.q_proj.bias", False, ((n, d),)),
         "k_bias": ("self_attn.k_proj.bias", False, ((k, d),)),
         "v_bias": ("self_attn.v_proj.bias", False, ((k, d),)),
-        "q_norm": ("self_attn.q_norm.weight", False, ((n, d),)),
-        "k_norm": ("self_attn.k_norm.weight", False, ((k, d),)),
+        "q_norm": ("self_attn.q_norm.weight", False, (q_norm,)),
+        "k_norm": ("self_attn.k_norm.weight", False, (k_norm,)),
     }
     sources = {
         ("embed",): _Source("model.embed_tokens.weight", False, ((v,), (h,)), False),
@@ -97,7 +101,8 @@ def _sources(config: ModelConfig) -> dict[tuple[str, ...], _Source]:
 
 def load_hf_checkpoint(hf_dir: str | os.PathLike[str], *, dtype: Any = None, shardings: Any = None,
                        overrides: Mapping[str, Any] | None = None) -> Decoder:
-    """Load an HF Llama 3.x / Qwen 2 / OLMo 2 directory (config.json + safetensors) into a Decoder.
+    """Load an HF Llama 3.x / Qwen 2 / OLMo 2 / Gemma 2 / Gemma 3 (text) directory (config.json + safetensors) into
+    a Decoder.
 
     dtype: parameter and compute dtype ("float32" default, or "bfloat16"). shardings: optional pytree of
     NamedSharding matching `nnx.state(abstract Decoder)` (default: one device). overrides: other ModelConfig

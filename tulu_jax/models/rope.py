@@ -1,4 +1,4 @@
-"""Rotary position embeddings (default and Llama 3.1 "llama3" scaling), as transformers computes them."""
+"""Rotary position embeddings (default, "linear" and Llama 3.1 "llama3" scaling), as transformers computes them."""
 
 from __future__ import annotations
 
@@ -11,13 +11,20 @@ import numpy as np
 from tulu_jax.models.config import ModelConfig
 
 
-def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-    """Inverse frequencies, float32 [head_dim // 2], computed in float32 like transformers' rope init functions."""
+def rope_inv_freq(config: ModelConfig, *, local: bool = False) -> np.ndarray:
+    """Inverse frequencies, float32 [head_dim // 2], computed in float32 like transformers' rope init functions.
+
+    `local`: those of sliding-window layers, which use their own unscaled base when `config.local_rope_theta` is set
+    (Gemma 3) and the global RoPE otherwise.
+    """
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
-    if config.rope_scaling is None:
+    theta = config.local_rope_theta if local and config.local_rope_theta is not None else config.rope_theta
+    inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    if config.rope_scaling is None or (local and config.local_rope_theta is not None):
         return inv_freq.astype(np.float32)
     s = config.rope_scaling
+    if s["rope_type"] == "linear":  # positions divided by `factor`
+        return (inv_freq / np.float32(s["factor"])).astype(np.float32)
     factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
     old_context = s["original_max_position_embeddings"]
     low_freq_wavelen, high_freq_wavelen = old_context / low, old_context / high
