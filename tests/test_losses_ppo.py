@@ -353,3 +353,12 @@ def test_explained_variance_and_entropy_metrics(data):
     np.testing.assert_allclose(np.asarray(token_entropy(jnp.asarray(logits, jnp.float32))), expected_entropy, **TOL)
     uniform = token_entropy(jnp.zeros((2, 7)))
     np.testing.assert_allclose(np.asarray(uniform), np.log(7), rtol=1e-6)
+
+
+def test_per_sequence_advantages_are_refused_where_tokens_are_expected():
+    """[B] against a [B, T] mask would broadcast over T (silently wrong when B == T): a clear error instead."""
+    square = jnp.ones((4, 4), bool)
+    with pytest.raises(ValueError, match=r"advantages has shape \(4,\)"):
+        ppo_policy_loss(jnp.zeros((4, 4)), jnp.zeros((4, 4)), jnp.ones(4), square)
+    with pytest.raises(ValueError, match="returns has shape"):
+        ppo_value_loss(jnp.zeros((4, 4)), jnp.zeros((4, 4)), jnp.zeros((4, 3)), square)

@@ -27,6 +27,13 @@ def _float(x: Array) -> Array:
     return x.astype(compute_dtype(x))
 
 
+def _check_shapes(mask: Array, **arrays: Array) -> None:
+    """Every per-token input must be [B, T] like the mask: jnp broadcasting would silently pair [B] with T."""
+    for name, x in arrays.items():
+        if jnp.shape(x) != mask.shape:
+            raise ValueError(f"{name} has shape {jnp.shape(x)}, expected the mask's {mask.shape} ([B, T])")
+
+
 def _masked(x: Array, mask: Array) -> Array:
     """x as float with 0 off the mask BEFORE any arithmetic: a NaN/inf there gives neither a NaN loss nor gradient."""
     x = _float(x)
@@ -49,6 +56,7 @@ def gae(rewards: Array, values: Array, mask: Array, *, gamma: float = 1.0, lam: 
     Returns:
       (advantages, returns), both [B, T], returns = A + V, both exactly 0 where `mask` is False.
     """
+    _check_shapes(mask, rewards=rewards, values=values)
     m = mask.astype(bool)
     r, v = _masked(rewards, m), _masked(values, m)
     # The next position's value and mask, 0 past the end; `v` is already 0 off the mask, so V_{t+1}·m_{t+1} = next_v.
@@ -118,7 +126,7 @@ def ppo_policy_loss(
     Args:
       logps: [B, T] log π_θ of the sampled tokens (differentiated).
       old_logps: [B, T] log π_old from the rollout (constant).
-      advantages: [B, T] (whitened) advantages, or a per-sequence advantage broadcast over the tokens.
+      advantages: [B, T] (whitened) advantages (GRPO's per-sequence ones: `grpo_policy_loss` broadcasts them).
       mask: [B, T] bool, True on response tokens.
       clip: ε of the ratio clip.
       num_tokens: denominator (global response-token count under accumulation); default Σ mask.
@@ -127,6 +135,7 @@ def ppo_policy_loss(
       (loss, metrics): `loss` (detached), `clipfrac` (tokens where the clipped branch is the larger one),
       `approx_kl` (½·(logps − old_logps)², as open-instruct logs it), all Σ_mask / num_tokens.
     """
+    _check_shapes(mask, logps=logps, old_logps=old_logps, advantages=advantages)
     m = mask.astype(bool)
     log_ratio = _masked(logps, m) - _masked(old_logps, m)
     ratio = jnp.exp(log_ratio)
@@ -167,6 +176,7 @@ def ppo_value_loss(
       (loss, metrics): `loss` (detached) and `clipfrac` (tokens where the clipped error is the larger), Σ_mask /
       num_tokens.
     """
+    _check_shapes(mask, values=values, old_values=old_values, returns=returns)
     m = mask.astype(bool)
     v, v_old, ret = _masked(values, m), _masked(old_values, m), _masked(returns, m)
     unclipped = jnp.square(v - ret)
@@ -206,6 +216,7 @@ def grpo_policy_loss(
     policy_loss, metrics = ppo_policy_loss(
         logps, old_logps, jnp.broadcast_to(adv, logps.shape), mask, clip=clip, num_tokens=num_tokens
     )
+    _check_shapes(mask, ref_logps=ref_logps)
     m = mask.astype(bool)
     denominator = safe_denominator(jnp.sum(m) if num_tokens is None else num_tokens)
     kl = masked_sum(kl_estimate(_masked(logps, m), _masked(ref_logps, m), "k3"), m) / denominator
