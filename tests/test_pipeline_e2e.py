@@ -14,7 +14,7 @@ import time
 import pytest
 import yaml
 
-from tulu_jax.errors import ConfigError
+from tulu_jax.errors import ConfigError, DataError
 from tulu_jax.rl.verifiers import verify
 from tulu_jax.stages import pipeline
 
@@ -190,3 +190,17 @@ def test_a_run_dir_made_from_another_world_is_refused(tmp_path):
     config.world.max_operand = 5
     with pytest.raises(ConfigError, match="another world"):
         pipeline.build_world(config, tmp_path / "run")
+
+
+def test_the_world_is_decontaminated_and_a_planted_leak_is_refused(tmp_path):
+    config = pipeline.load_pipeline_config(str(write_config(tmp_path)))
+    run_dir = tmp_path / "run"
+    pipeline.build_world(config, run_dir)
+    report = json.loads((run_dir / "decontamination" / "report.json").read_text())
+    assert [(t["rows"] > 0, t["removed"]) for t in report["train"]] == [(True, 0)] * 3
+    assert report["eval"] == [{"file": str(run_dir / "data" / "eval.jsonl"), "rows": 24, "too_short_to_check": 0}]
+    leaked = read_jsonl(run_dir / "data" / "eval.jsonl")[5]
+    with open(run_dir / "data" / "sft.jsonl", "a") as f:
+        f.write(json.dumps({"messages": [*leaked["messages"], {"role": "assistant", "content": "7"}]}) + "\n")
+    with pytest.raises(DataError, match="1 training rows hold a held-out question"):
+        pipeline.check_held_out_is_clean(run_dir / "data", tmp_path / "check")

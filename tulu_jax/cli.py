@@ -5,6 +5,7 @@
     tulu-jax eval --model HF_DIR --data FILE.jsonl [--sharding SHARDING] [...]
     tulu-jax pipeline --config configs/tiny_arith.yaml [--resume] [--set key=value ...]
     tulu-jax compile-check --config CONFIG --sharding SHARDING [--set key=value ...]
+    tulu-jax decontaminate --train DATA... --eval DATA... [--ngram 8] [--threshold 0.5] [--out DIR]
     tulu-jax convert to-orbax --hf HF_DIR --out DIR        (HF weights → orbax params checkpoint)
     tulu-jax convert to-hf --run-dir RUN_DIR --out DIR     (a run's checkpoint → HF directory)
 
@@ -105,6 +106,10 @@ COMMANDS: dict[str, Command] = {
         "compile a config's train step for its TPU topology; report memory",
         compile_check_arguments,
         environment={**HOST_CPU, **QUIET_LIBTPU},
+    ),
+    "decontaminate": Command(
+        "tulu_jax.data.decontaminate:main", "find and drop training rows that overlap eval items (n-gram matching)",
+        lambda p: importlib.import_module("tulu_jax.data.decontaminate").add_arguments(p),
     ),
     "convert": Command(
         "tulu_jax.stages.convert:main", "convert weights: HF → orbax, run checkpoint → HF", convert_arguments,

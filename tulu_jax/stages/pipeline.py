@@ -195,10 +195,25 @@ def build_world(config: PipelineConfig, run_dir: pathlib.Path) -> dict[str, Any]
     }
     for name, rows in files.items():
         (data / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    check_held_out_is_clean(data, run_dir / "decontamination")
     tokenizer = train_tiny_bpe(arith.corpus_texts(train), w.vocab_size, SPECIAL_TOKENS, split_digits=True)
     tokenizer.save_pretrained(str(run_dir / "tokenizer"))
     marker.write_text(json.dumps(world, indent=2))  # last: the world is complete
     return world
+
+
+def check_held_out_is_clean(data: pathlib.Path, out: pathlib.Path) -> None:
+    """Decontamination, the recipe's first step: no training row may hold a held-out question (8-gram matching,
+    report in `out`). The world is templated, so distinct problems share most of their words: the check asks for
+    the whole question (threshold 1.0), where the recipe's 0.5 would flag most rows of the same template."""
+    from tulu_jax.data.decontaminate import decontaminate
+
+    train = [str(data / f"{name}.jsonl") for name in ("pretrain", "sft", "prompts")]
+    report = decontaminate(train, [str(data / "eval.jsonl")], out, threshold=1.0)
+    removed = sum(t["removed"] for t in report["train"])
+    if removed:
+        raise DataError(f"{removed} training rows hold a held-out question: see {out / 'matches.jsonl'}")
+    print(f"tulu-jax pipeline: decontamination: no training row holds a held-out question ({out})", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------------- stages
