@@ -27,9 +27,13 @@ FAMILIES = {
 
 
 def tiny_config(family: str) -> ModelConfig:
-    return ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                       num_kv_heads=2, head_dim=8, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
-                       pad_token_id=PAD, **FAMILIES[family])
+    shape = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_heads=4, head_dim=8,
+                 max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=PAD)
+    if family == "gemma2":  # soft-caps, sandwich norms and a 4-token sliding window on the first layer
+        hf = transformers.Gemma2Config(**shape, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       sliding_window=4).to_dict()
+        return ModelConfig.from_hf_config(hf)
+    return ModelConfig(**shape, num_layers=2, num_kv_heads=2, **FAMILIES[family])
 
 
 def random_reward_model(config: ModelConfig, seed: int = 0) -> RewardModel:
@@ -74,7 +78,7 @@ def torch_scores(hf_model, ids, mask):
 def exported(tmp_path_factory):
     """family -> (our model, its export dir, transformers' load of that dir)."""
     out = {}
-    for family in FAMILIES:
+    for family in (*FAMILIES, "gemma2"):
         model = random_reward_model(tiny_config(family))
         path = tmp_path_factory.mktemp(f"rm-{family}")
         # Qwen 2 as a sharded checkpoint: the head then gets its own file in the index.
@@ -84,10 +88,11 @@ def exported(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", [*FAMILIES, "gemma2"])
 def test_export_loads_as_sequence_classification_with_equal_scores(exported, family):
     model, path, hf = exported[family]
-    expected_class = {"llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification"}[family]
+    expected_class = {"llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification",
+                      "gemma2": "Gemma2ForSequenceClassification"}[family]
     assert type(hf).__name__ == expected_class and hf.config.num_labels == 1
     assert json.loads((path / "config.json").read_text())["architectures"] == [expected_class]
     assert (path / "model.safetensors.index.json").exists() == (family == "qwen2")

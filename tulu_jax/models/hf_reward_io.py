@@ -1,4 +1,5 @@
-"""HF import/export of the reward model as `<Family>ForSequenceClassification` with one label.
+"""HF import/export of the reward model as `<Family>ForSequenceClassification` with one label (Llama, Qwen 2,
+OLMo 2, Gemma 2, Gemma 3 text).
 
 The HF layout is the causal LM's `model.*` tensors (no `lm_head`) plus `score.weight` [1, hidden]; the backbone goes
 through `hf_io` unchanged and the head is one more tensor, so a reward model exported here loads with
@@ -37,6 +38,8 @@ SEQUENCE_CLASSIFICATION = {
     "LlamaForCausalLM": "LlamaForSequenceClassification",
     "Qwen2ForCausalLM": "Qwen2ForSequenceClassification",
     "Olmo2ForCausalLM": "Olmo2ForSequenceClassification",
+    "Gemma2ForCausalLM": "Gemma2ForSequenceClassification",
+    "Gemma3ForCausalLM": "Gemma3TextForSequenceClassification",
 }
 _CAUSAL = {v: k for k, v in SEQUENCE_CLASSIFICATION.items()}
 SCORE_FILE = "score.safetensors"
