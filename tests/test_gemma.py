@@ -92,7 +92,7 @@ def _torch_logits(hf, ids, mask):
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     with torch.no_grad():
         return hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                  position_ids=torch.tensor(positions)).logits.numpy()
+                  position_ids=torch.tensor(positions)).logits.float().numpy()
 
 
 def _rel_err(a, b):
@@ -109,6 +109,26 @@ def test_logits_match_transformers_with_padding(models, variant):
     assert ours.shape == (3, LENGTH, VOCAB) and np.isfinite(ours).all()
     assert _rel_err(ours[tokens], ref[tokens]) < 1e-4
     np.testing.assert_allclose(ours[tokens], ref[tokens], atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["gemma2-head256", "gemma3"])
+def test_bfloat16_matches_transformers_in_bfloat16(models, variant):
+    import torch
+    import transformers
+
+    _, path, _ = models[variant]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
+                                                           attn_implementation="eager").eval()
+    ours = load_hf_checkpoint(path, dtype="bfloat16")
+    ids, mask = _padded_batch(seed=5)
+    # √hidden rounded to bfloat16 as transformers does (hidden 32: √32 → 5.65625), bit for bit.
+    with torch.no_grad():
+        embedded = hf.model.embed_tokens(torch.tensor(ids)).float().numpy()
+    np.testing.assert_array_equal(np.asarray(ours._embed(jnp.asarray(ids)).astype(jnp.float32)), embedded)
+    logits = np.asarray(_forward(ours, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)))
+    tokens = mask.astype(bool)
+    # Both sides round differently in bfloat16: ~1e-2 apart (each is ~1e-2 from float32).
+    assert _rel_err(logits[tokens], _torch_logits(hf, ids, mask)[tokens]) < 3e-2
 
 
 def _with_config(model: Decoder, **changes) -> Decoder:
