@@ -287,6 +287,50 @@ def test_published_configs_equal_the_presets_in_both_transformers_layouts(hf_jso
     assert sliding[:6] == ((True, False) * 3 if preset.startswith("gemma2") else (True,) * 5 + (False,))
 
 
+def test_multimodal_gemma3_checkpoint_gives_its_text_decoder(tmp_path):
+    """Gemma 3 4B+ are published as Gemma3ForConditionalGeneration: the text decoder loads, the vision tower is
+    left out, and text-only logits equal transformers' multimodal model's."""
+    import torch
+    import transformers
+
+    _, kwargs = VARIANTS["gemma3-head256"]
+    vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=transformers.Gemma3TextConfig(**kwargs), vision_config=vision,
+                                       mm_tokens_per_image=4, boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2,
+                                       image_token_index=VOCAB - 1)
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    model = load_hf_checkpoint(tmp_path)
+    assert model.config.architecture == "Gemma3ForCausalLM" and model.config.layer_types == tuple(kwargs["layer_types"])
+    ids, mask = _padded_batch()
+    ids = np.minimum(ids, VOCAB - 4)  # no image tokens
+    ours = np.asarray(_forward(model, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)))
+    tokens = mask.astype(bool)
+    assert _rel_err(ours[tokens], _torch_logits(hf, ids, mask)[tokens]) < 1e-4
+
+    # transformers 4.52-4.57 wrote the same tensors as model.language_model.* / model.vision_tower.*
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(tmp_path / "model.safetensors")
+    save_file({"model." + n.replace("language_model.model.", "language_model."): t for n, t in tensors.items()},
+              tmp_path / "model.safetensors", metadata={"format": "pt"})
+    renamed = load_hf_checkpoint(tmp_path)
+    for a, b in zip(jax.tree.leaves(nnx.state(renamed)), jax.tree.leaves(nnx.state(model))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    # google/gemma-3-4b-it's config.json (transformers 4: text_config lists only non-default keys; vision omitted).
+    published = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "eos_token_id": [1, 106],
+                 "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                                 "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                                 "sliding_window": 1024}}
+    assert ModelConfig.from_hf_config(published) == preset_config("gemma3-4b", {"eos_token_id": (1, 106)})
+
+
 @pytest.mark.parametrize("name", [n for n in PRESETS if n.startswith("gemma")])
 def test_gemma_presets_round_trip_and_carry_logical_names(name):
     import transformers

@@ -53,6 +53,12 @@ _FAMILIES: dict[str, dict[str, Any]] = {
     },
 }
 GEMMA_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+# Gemma 3 4B+ are published as Gemma3ForConditionalGeneration: the text decoder's config is `text_config`, which
+# transformers 4 wrote without the keys left at Gemma3TextConfig's defaults (these, from transformers 5.23).
+_GEMMA3_MULTIMODAL = "Gemma3ForConditionalGeneration"
+_GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                             num_attention_heads=8, num_key_value_heads=4, head_dim=256, bos_token_id=2,
+                             eos_token_id=1, pad_token_id=0)
 _MODEL_TYPE_TO_ARCH = {spec["model_type"]: arch for arch, spec in _FAMILIES.items()}
 _LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 _DTYPES = ("float32", "bfloat16")
@@ -187,7 +193,9 @@ class ModelConfig:
 
         `source` names the file in error messages; `overrides` set tulu-jax-only fields (dtypes, remat).
         Raises CheckpointError for an unsupported architecture or an unsupported option of a supported one.
+        A Gemma3ForConditionalGeneration config gives its text decoder (Gemma3ForCausalLM).
         """
+        hf = _text_decoder_config(hf)
         arch = _architecture(hf, source)
         family = _FAMILIES[arch]
 
@@ -345,6 +353,17 @@ def _architecture(hf: Mapping[str, Any], source: str) -> str:
     if arch not in _FAMILIES:
         raise CheckpointError(f"{source}: unsupported architecture {arch!r}; supported: {sorted(_FAMILIES)}")
     return arch
+
+
+def _text_decoder_config(hf: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The text decoder's config of a multimodal Gemma 3 config (token ids from the top level when the text config
+    has none); any other config unchanged."""
+    archs = hf.get("architectures")
+    if archs != [_GEMMA3_MULTIMODAL] and (archs or hf.get("model_type") != "gemma3"):
+        return hf
+    ids = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
+    text = {k: v for k, v in dict(hf.get("text_config") or {}).items() if v is not None or k not in ids}
+    return {**_GEMMA3_TEXT_DEFAULTS, **ids, **text, "architectures": ["Gemma3ForCausalLM"]}
 
 
 def _required_int(hf: Mapping[str, Any], key: str, source: str) -> int:

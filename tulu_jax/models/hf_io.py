@@ -34,6 +34,9 @@ INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # transformers' default "5GB"
 # Tensors some checkpoints carry that the model does not need (old Llama exports saved RoPE buffers).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Gemma 3 4B+ checkpoints (Gemma3ForConditionalGeneration) nest the text decoder under one of these prefixes (as
+# transformers writes them / in its in-memory names) beside the vision tower and projector, which are not ours.
+_NESTED_TEXT_PREFIXES = ("language_model.model.", "model.language_model.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +105,7 @@ def _sources(config: ModelConfig) -> dict[tuple[str, ...], _Source]:
 def load_hf_checkpoint(hf_dir: str | os.PathLike[str], *, dtype: Any = None, shardings: Any = None,
                        overrides: Mapping[str, Any] | None = None) -> Decoder:
     """Load an HF Llama 3.x / Qwen 2 / OLMo 2 / Gemma 2 / Gemma 3 (text) directory (config.json + safetensors) into
-    a Decoder.
+    a Decoder; a Gemma3ForConditionalGeneration directory (Gemma 3 4B+) gives its text decoder.
 
     dtype: parameter and compute dtype ("float32" default, or "bfloat16"). shardings: optional pytree of
     NamedSharding matching `nnx.state(abstract Decoder)` (default: one device). overrides: other ModelConfig
@@ -158,13 +161,26 @@ def load_model(hf_dir: str | os.PathLike[str], *, dtype: Any = None, shardings: 
 
 
 class _Tensors:
-    """Tensor name -> (file, open safetensors handle)."""
+    """Tensor name -> (file, open safetensors handle); `stored` maps a name to its name in the file when they
+    differ (a nested text decoder)."""
 
     def __init__(self) -> None:
         self.where: dict[str, tuple[str, Any]] = {}
+        self.stored: dict[str, str] = {}
 
     def get_slice(self, name: str) -> Any:
-        return self.where[name][1].get_slice(name)
+        return self.where[name][1].get_slice(self.stored.get(name, name))
+
+    def unnest_text_decoder(self) -> None:
+        """Keep only a nested text decoder's tensors (Gemma3ForConditionalGeneration), renamed to `model.*`."""
+        if "model.embed_tokens.weight" in self.where:
+            return
+        for prefix in _NESTED_TEXT_PREFIXES:
+            if prefix + "embed_tokens.weight" in self.where:
+                names = {"model." + n[len(prefix):]: n for n in self.where if n.startswith(prefix)}
+                self.where = {name: self.where[stored] for name, stored in names.items()}
+                self.stored = names
+                return
 
 
 def _open_checkpoint(hf_dir: str, stack: contextlib.ExitStack) -> _Tensors:
@@ -200,6 +216,7 @@ def _open_checkpoint(hf_dir: str, stack: contextlib.ExitStack) -> _Tensors:
         if absent:
             file = os.path.join(hf_dir, weight_map[absent[0]])
             raise CheckpointError(f"{file}: tensor {absent[0]!r} listed in {INDEX_FILE} is not in the file")
+    tensors.unnest_text_decoder()
     return tensors
 
 
