@@ -21,3 +21,22 @@ from oracle_files import decompress_verified  # noqa: E402
 def oracles_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """The vendored oracle files (tests/fixtures/oracles), decompressed once and checked against their sha256."""
     return decompress_verified(tmp_path_factory.mktemp("oracles"))
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A random `tiny` preset Llama (hidden 64, 2 layers) with the bundled tokenizer, as an HF directory: what
+    `tulu-jax sft` exports, without the training."""
+    from flax import nnx
+
+    from tulu_jax.data.tokenizers import load_tokenizer
+    from tulu_jax.models import Decoder
+    from tulu_jax.models.hf_io import save_hf_checkpoint
+    from tulu_jax.models.presets import preset_config
+
+    tokenizer = load_tokenizer(pathlib.Path(__file__).resolve().parent.parent / "tulu_jax" / "assets" / "tiny_tokenizer")
+    config = preset_config("tiny", {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id})
+    path = tmp_path_factory.mktemp("tiny_hf")
+    save_hf_checkpoint(Decoder(config, nnx.Rngs(0)), path)
+    tokenizer.save_pretrained(str(path))
+    return path

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tulu_jax import cli
+from tulu_jax.errors import ConfigError
 from tulu_jax.sharding import load_sharding, tpu_topology_mesh
 from tulu_jax.stages import sft
 from tulu_jax.stages.common import load_stage_config
@@ -56,7 +57,7 @@ def test_tiny_sft_step_compiles_for_v5p_and_reports_memory(tiny_result, monkeypa
         assert f"  {label}" in out
     assert "of 95 GiB HBM" in out and out.rstrip().endswith("fits")
     # 16 sequences over the 4 chips' batch shards: 4 per device in one micro-batch
-    assert "global batch 16 × 128 tokens, 1 micro-batches of 4 sequence(s) per device" in out
+    assert "global batch 16 × 128 tokens, 1 micro-batch of 4 sequence(s) per device" in out
 
 
 def test_memory_report_accounts_for_the_sharded_state_and_batch(tiny_result):
@@ -80,6 +81,17 @@ def test_a_step_that_does_not_fit_says_so_and_exits_1(capsys):
     captured = capsys.readouterr()
     assert "does NOT fit" in captured.out and "RESOURCE_EXHAUSTED" in captured.out
     assert "Traceback" not in captured.out + captured.err
+
+
+def test_the_stage_is_inferred_from_the_config(tmp_path):
+    for name, stage in (("tiny_sft", "sft"), ("tiny_dpo", "dpo"), ("tulu3_8b_sft", "sft"), ("tulu3_8b_dpo", "dpo")):
+        assert compile_check_module.infer_stage(str(REPO / "configs" / f"{name}.yaml")) == stage
+    with pytest.raises(ConfigError, match=r"no stage's config \(as sft: .*unknown key 'run_dir'"):
+        compile_check_module.infer_stage(str(REPO / "configs" / "tiny_arith.yaml"))
+    minimal = tmp_path / "minimal.yaml"  # the keys both stages' configs have: both accept it
+    minimal.write_text("model:\n  preset: tiny\ndata:\n  sources: [{path: d.jsonl}]\n")
+    with pytest.raises(ConfigError, match=r"valid config of stages \['sft', 'dpo'\]: pass --stage"):
+        compile_check_module.infer_stage(str(minimal))
 
 
 def test_a_sharding_file_without_topology_is_a_config_error(capsys):

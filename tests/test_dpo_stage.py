@@ -397,10 +397,10 @@ def live_run(tmp_path_factory):
     return run_dir
 
 
-def start_cli(run_dir: pathlib.Path, cache: pathlib.Path) -> subprocess.Popen:
+def start_cli(run_dir: pathlib.Path, cache: pathlib.Path, resume: bool = False) -> subprocess.Popen:
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    cmd = [sys.executable, "-m", "tulu_jax.cli", *dpo_args(run_dir)]
+    cmd = [sys.executable, "-m", "tulu_jax.cli", *dpo_args(run_dir), *(["--resume"] if resume else [])]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -441,7 +441,7 @@ def interrupted_cached_run(tmp_path_factory):
     assert proc.returncode == 0, first_err
     stopped = checkpoint_steps(run_dir)[-1]
     table = (run_dir / CACHE_ARRAYS).read_bytes()
-    proc = start_cli(run_dir, cache)
+    proc = start_cli(run_dir, cache, resume=True)
     _, second_err = proc.communicate(timeout=300)
     assert proc.returncode == 0, second_err
     return InterruptedRun(run_dir, stopped, first_err, second_err, table)
@@ -475,11 +475,11 @@ def test_interrupted_cached_run_equals_the_uninterrupted_live_run(interrupted_ca
 
 @pytest.mark.slow
 def test_cached_reference_of_another_model_is_refused(interrupted_cached_run, capsys):
-    """Through the CLI: another initial model (train.seed=1) meets the run's cache; every other kind of change is
-    refused by the same comparison (test_reference_cache_reuse_and_refusal)."""
+    """Through the CLI: another initial model (train.seed=1, let past the resume check's config comparison) meets the
+    run's cache; every other kind of change is refused by the same comparison (test_reference_cache_reuse_and_refusal)."""
     run_dir = interrupted_cached_run.run_dir
     before = (run_dir / CACHE_ARRAYS).read_bytes()
-    assert cli.main(dpo_args(run_dir, "train.seed=1")) == 1
+    assert cli.main([*dpo_args(run_dir, "train.seed=1"), "--resume", "--allow-config-change"]) == 1
     err = capsys.readouterr().err
     assert "cached reference log-probs" in err and "model_params (different weights)" in err
     assert (run_dir / CACHE_ARRAYS).read_bytes() == before

@@ -291,11 +291,11 @@ def jax_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("jax_cache")
 
 
-def start_cli(run_dir: pathlib.Path, cache: pathlib.Path, *extra: str) -> subprocess.Popen:
+def start_cli(run_dir: pathlib.Path, cache: pathlib.Path, *extra: str, resume: bool = False) -> subprocess.Popen:
     """`tulu-jax sft` (the console script's entry point) on the tiny config, in a subprocess."""
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    cmd = [sys.executable, "-m", "tulu_jax.cli", *sft_args(run_dir, *extra)]
+    cmd = [sys.executable, "-m", "tulu_jax.cli", *sft_args(run_dir, *extra), *(["--resume"] if resume else [])]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -306,7 +306,7 @@ def reference_run(tmp_path_factory, jax_cache):
     proc = start_cli(run_dir, jax_cache)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    assert "tokenized 240 rows: 240 kept" in err and "exported the sft model" in err
+    assert "tokenized 240 rows: 240 kept" in err and "exported the trained model to" in err
     return run_dir
 
 
@@ -344,7 +344,7 @@ def test_sigterm_then_sigkill_then_resume_reproduces_the_uninterrupted_run(refer
     assert after_sigterm < RUN_STEPS, "the run ended before SIGTERM arrived"
 
     # Resume, then SIGKILL once a newer checkpoint exists: nothing gets to clean up.
-    proc = start_cli(run_dir, cache, no_export)
+    proc = start_cli(run_dir, cache, no_export, resume=True)
     killed_after = wait_for_checkpoint(run_dir, after_sigterm, proc)
     proc.send_signal(signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
@@ -352,7 +352,7 @@ def test_sigterm_then_sigkill_then_resume_reproduces_the_uninterrupted_run(refer
     assert f"resumed from checkpoint step {after_sigterm}" in err
 
     # The same command again finishes the run.
-    proc = start_cli(run_dir, cache, no_export)
+    proc = start_cli(run_dir, cache, no_export, resume=True)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert "resumed from checkpoint step" in err and checkpoint_steps(run_dir)[-1] == RUN_STEPS
@@ -381,6 +381,17 @@ def test_run_dir_holds_config_metrics_and_data_report(reference_run):
     assert "run_dir: " + str(reference_run) in saved and "save_every: 3" in saved
 
 
+def test_a_rerun_in_the_run_dir_is_refused_unless_resumed_with_the_same_config(reference_run, capsys):
+    saved = (reference_run / "config.yaml").read_text()
+    assert cli.main(sft_args(reference_run)) == 1
+    err = capsys.readouterr().err
+    assert f"{reference_run} already holds a run (a checkpoint at step {RUN_STEPS}): pass --resume" in err
+    assert cli.main([*sft_args(reference_run, "optim.lr=1e-3"), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "--resume: the config differs" in err and "optim.lr: " in err and "→ 0.001" in err
+    assert (reference_run / "config.yaml").read_text() == saved
+
+
 def test_hf_export_loads_in_transformers_and_reproduces_our_logits(reference_run):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -397,7 +408,7 @@ def test_hf_export_loads_in_transformers_and_reproduces_our_logits(reference_run
     np.testing.assert_allclose(np.asarray(ours(jnp.asarray(ids))), expected, atol=2e-4, rtol=1e-4)
 
 
-def test_convert_checkpoint_to_hf_and_hf_to_orbax(reference_run, tmp_path):
+def test_convert_checkpoint_to_hf_and_hf_to_orbax(reference_run, tmp_path, capsys):
     # A run checkpoint → HF directory: the final step's weights equal the run's own final export.
     out = tmp_path / "hf"
     assert cli.main(["convert", "to-hf", "--run-dir", str(reference_run), "--out", str(out)]) == 0
@@ -418,6 +429,18 @@ def test_convert_checkpoint_to_hf_and_hf_to_orbax(reference_run, tmp_path):
     for x, y in leaves:
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert not np.array_equal(np.asarray(early_model.embed[...]), np.asarray(exported.embed[...]))
+
+    # Into a non-empty directory only with --overwrite, which first removes the weight files an export left there.
+    argv = ["convert", "to-hf", "--run-dir", str(reference_run), "--out", str(out), "--step", str(RUN_STEPS - SAVE_EVERY)]
+    assert cli.main(argv) == 1
+    assert f"--out {out} is not empty: choose a new or empty directory, or pass --overwrite" in capsys.readouterr().err
+    stale = [out / "model-00002-of-00002.safetensors", out / "model.safetensors.index.json"]
+    for path in stale:
+        path.write_text("{}")
+    assert cli.main([*argv, "--overwrite"]) == 0
+    assert not any(path.exists() for path in stale)
+    for x, y in zip(jax.tree.leaves(nnx.state(early_model)), jax.tree.leaves(nnx.state(load_model(out))), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_convert_errors_name_the_problem(reference_run, tmp_path, capsys):

@@ -10,9 +10,17 @@ Stable public API (imported lazily so that `import tulu_jax` stays cheap):
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
+from tulu_jax import platform
+
 __version__ = "0.1.0"
+
+# Start silently: no libtpu probe on a host without TPU chips (tulu_jax.platform), and no "PyTorch was not found"
+# advice from transformers (tulu-jax uses its tokenizers and configs only; torch is the tests' oracle).
+platform.quiet_default()
+logging.getLogger("transformers").addFilter(lambda record: not record.getMessage().startswith("PyTorch was not found"))
 
 _LAZY = {
     "load_model": "tulu_jax.models.hf_io",

@@ -1,9 +1,9 @@
 """`tulu-jax`: a thin dispatcher over the stage modules, which are imported only when their command runs.
 
-    tulu-jax sft --config CONFIG --sharding SHARDING [--set key=value ...]
-    tulu-jax dpo --config CONFIG --sharding SHARDING [--set key=value ...]
+    tulu-jax sft --config CONFIG --sharding SHARDING [--set key=value ...] [--resume [--allow-config-change]]
+    tulu-jax dpo --config CONFIG --sharding SHARDING [--set key=value ...] [--resume [--allow-config-change]]
     tulu-jax eval --model HF_DIR --data FILE.jsonl [--sharding SHARDING] [...]
-    tulu-jax pipeline --config configs/tiny_arith.yaml [--resume] [--set key=value ...]
+    tulu-jax pipeline --config configs/tiny_arith.yaml [--resume [--allow-config-change]] [--set key=value ...]
     tulu-jax compile-check --config CONFIG --sharding SHARDING [--set key=value ...]
     tulu-jax decontaminate --train DATA... --eval DATA... [--ngram 8] [--threshold 0.5] [--out DIR]
     tulu-jax convert to-orbax --hf HF_DIR --out DIR        (HF weights → orbax params checkpoint)
@@ -24,23 +24,36 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
+from tulu_jax import platform
 from tulu_jax.errors import TuluJaxError
 
 
-def stage_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of every training stage: what a run does, where it goes, and overrides."""
+def config_arguments(parser: argparse.ArgumentParser) -> None:
+    """A stage config, the sharding file, and overrides."""
     parser.add_argument("--config", required=True, help="recipe config YAML (configs/*.yaml)")
     parser.add_argument("--sharding", required=True, help="sharding file YAML (sharding/*.yaml)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config value, e.g. --set optim.lr=1e-5 (repeatable)",
+        help="override a config value, e.g. --set optim.lr=1e-5 (repeat --set for each key)",
     )
 
 
+def stage_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of every training stage: its config, and whether to continue the run in its run directory
+    (the flags set output.resume / output.allow_config_change; tulu_jax.stages.resume has the rules)."""
+    config_arguments(parser)
+    parser.add_argument("--resume", dest="overrides", action="append_const", const="output.resume=true",
+                        help="continue the run in output.run_dir from its latest checkpoint (same config)")
+    parser.add_argument("--allow-config-change", dest="overrides", action="append_const",
+                        const="output.allow_config_change=true",
+                        help="with --resume: accept a changed config; the change is recorded in the run directory")
+
+
 def compile_check_arguments(parser: argparse.ArgumentParser) -> None:
-    """A stage's arguments plus which stage's train step to compile."""
-    stage_arguments(parser)
-    parser.add_argument("--stage", default="sft", help="whose train step the config describes (default: sft)")
+    """A stage's config arguments plus which stage's train step to compile."""
+    config_arguments(parser)
+    parser.add_argument("--stage", default=None,
+                        help="whose train step the config describes (default: the stage whose config it is)")
 
 
 def convert_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,11 +63,14 @@ def convert_arguments(parser: argparse.ArgumentParser) -> None:
     to_orbax.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
     to_orbax.add_argument("--out", required=True, help="output directory (params/ + model_config.json)")
     to_orbax.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="parameter dtype")
+    to_orbax.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     to_hf = sub.add_parser("to-hf", help="a training run's checkpoint → an HF model directory")
     to_hf.add_argument("--run-dir", required=True, help="the run directory (holds checkpoints/ and model_config.json)")
     to_hf.add_argument("--out", required=True, help="output HF directory")
     to_hf.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     to_hf.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="tensor dtype in the files")
+    to_hf.add_argument("--overwrite", action="store_true",
+                       help="write into a non-empty --out (its old safetensors files are removed first)")
 
 
 def pipeline_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +78,8 @@ def pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="pipeline config YAML (configs/tiny_arith.yaml)")
     parser.add_argument("--sharding", default="sharding/cpu-1.yaml", help="sharding file (default: one CPU device)")
     parser.add_argument("--resume", action="store_true", help="continue a run directory: skip finished stages")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="with --resume: accept a changed config; the change is recorded in the run directory")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set sft.optim.lr=1e-3 (repeatable)")
 
@@ -134,7 +152,10 @@ def configure_platform(sharding_path: str | None, environment: Mapping[str, str]
     if "jax" in sys.modules:  # too late to change the platform of a running JAX
         return
     for key, value in (environment or {}).items():
-        os.environ.setdefault(key, value)
+        if key == "JAX_PLATFORMS":
+            platform.choose(value)  # replaces tulu-jax's quiet default, never the user's choice
+        else:
+            os.environ.setdefault(key, value)
     if environment or sharding_path is None:
         return
     from tulu_jax.config import read_yaml
@@ -146,7 +167,7 @@ def configure_platform(sharding_path: str | None, environment: Mapping[str, str]
     data = read_yaml(path)
     if data.get("platform") != "cpu":
         return
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    platform.choose("cpu")
     mesh = data.get("mesh")
     sizes = list(mesh.values()) if isinstance(mesh, dict) else []
     flags = os.environ.get("XLA_FLAGS", "")

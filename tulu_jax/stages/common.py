@@ -86,9 +86,11 @@ __all__ = [
     "resolve_path",
     "model_config_dict",
     "load_stage_config",
+    "check_run_dir",
     "setup_mesh",
     "batch_shards",
     "resolve_grad_accum",
+    "micro_batches_text",
     "num_train_steps",
     "resolve_model_config",
     "load_stage_tokenizer",
@@ -272,6 +274,8 @@ class OutputSection:
     export_hf: bool = True
     export_dtype: DType | None = None
     progress: bool = True
+    resume: bool = False  # continue run_dir's checkpoint (`--resume`); tulu_jax.stages.resume has the rules
+    allow_config_change: bool = False  # with resume: accept (and record) a changed config (`--allow-config-change`)
 
     def __post_init__(self) -> None:
         for key in ("keep_last", "log_every"):
@@ -292,6 +296,14 @@ def load_stage_config(cls: type[T], path: str | os.PathLike[str], overrides: Seq
 
 
 # --------------------------------------------------------------------------------------------------- mesh
+
+
+def check_run_dir(config: Any) -> None:
+    """Before a stage prepares anything: may it write to config.output.run_dir (tulu_jax.stages.resume)? Call after
+    setup_mesh (which may start jax.distributed); process 0 records an allowed config change."""
+    from tulu_jax.stages.resume import check_stage_resume
+
+    check_stage_resume(config.output, dump_config(config), write=jax.process_index() == 0)
 
 
 def setup_mesh(
@@ -336,6 +348,11 @@ def resolve_grad_accum(train: TrainSection, mesh: Mesh, spec: ShardingSpec) -> i
             f"{shards} batch shards of {spec.source} ({accum * shards})"
         )
     return accum
+
+
+def micro_batches_text(count: int) -> str:
+    """"1 micro-batch", "4 micro-batches": for the stages' one-line summaries."""
+    return f"{count} micro-batch{'es' if count > 1 else ''}"
 
 
 def num_train_steps(num_batches: int, train: TrainSection) -> int:
@@ -598,7 +615,8 @@ def train_and_export(
     Returns the final state.
 
     `batches` is a stateful host-batch iterator (`get_state`/`set_state`); `prepare_batch` turns a host batch
-    into global arrays (a GlobalBatcher). Resuming is automatic when run_dir/checkpoints holds a checkpoint.
+    into global arrays (a GlobalBatcher). The stage has called `check_run_dir` first: a run_dir that holds a
+    checkpoint is continued only with output.resume (tulu_jax.stages.resume).
     `run_files`: more JSON files for the run dir, name → data (e.g. the data report).
     """
     model_dict = model_config_dict(model_config)
@@ -628,5 +646,5 @@ def train_and_export(
         checkpointer.close()
     if output.export_hf:
         export_hf(state, run_dir / "hf", tokenizer, output.export_dtype or model_config.param_dtype)
-        print(f"tulu-jax: exported the {stage} model to {run_dir / 'hf'}", file=sys.stderr)
+        print(f"tulu-jax: exported the trained model to {run_dir / 'hf'}", file=sys.stderr)
     return state

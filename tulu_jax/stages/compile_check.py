@@ -42,10 +42,30 @@ class CompileCheckResult:
     reason: str | None = None
 
 
+def infer_stage(config_path: str, overrides: tuple[str, ...] = ()) -> str:
+    """The stage whose config class loads `config_path` with `overrides` (each stage's config has its own keys: a
+    DPO config has `dpo:`, an SFT config `train.loss_reduction`); a ConfigError when none or several do."""
+    loads, errors = [], []
+    for name, (module_name, config_name, _) in STAGES.items():
+        try:
+            load_stage_config(getattr(importlib.import_module(module_name), config_name), config_path, overrides)
+        except ConfigError as e:
+            errors.append(f"as {name}: {e}")
+        else:
+            loads.append(name)
+    if len(loads) == 1:
+        return loads[0]
+    if loads:
+        raise ConfigError(f"compile-check: {config_path} is a valid config of stages {loads}: pass --stage")
+    raise ConfigError(f"compile-check: {config_path} is no stage's config ({'; '.join(errors)})")
+
+
 def compile_check(
-    stage: str, config_path: str, sharding_path: str, overrides: tuple[str, ...] = ()
+    stage: str | None, config_path: str, sharding_path: str, overrides: tuple[str, ...] = ()
 ) -> CompileCheckResult:
-    """Build `stage`'s train step from the config and compile it for the sharding file's TPU topology."""
+    """Build `stage`'s train step (None: the stage the config belongs to) from the config and compile it for the
+    sharding file's TPU topology."""
+    stage = infer_stage(config_path, overrides) if stage is None else stage
     if stage not in STAGES:
         raise ConfigError(f"compile-check: unknown stage {stage!r}; known: {', '.join(STAGES)}")
     module_name, config_name, builder_name = STAGES[stage]

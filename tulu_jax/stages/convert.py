@@ -19,7 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from tulu_jax.errors import CheckpointError
+from tulu_jax.errors import CheckpointError, ConfigError
 from tulu_jax.models.config import ModelConfig
 from tulu_jax.models.decoder import Decoder
 from tulu_jax.stages.common import model_config_dict
@@ -123,8 +123,26 @@ def run_checkpoint_to_hf(
     return step
 
 
+def prepare_out_dir(out_dir: str | os.PathLike[str], overwrite: bool) -> None:
+    """Refuse a non-empty output directory unless `overwrite`; with it, first remove the safetensors files and index
+    a previous export left there (a stale shard or index would be read together with the new weights)."""
+    from tulu_jax.models.hf_io import INDEX_FILE
+
+    out = pathlib.Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise ConfigError(f"--out {out} is not empty: choose a new or empty directory, or pass --overwrite")
+    if jax.process_index() == 0:
+        for stale in [*out.glob("*.safetensors"), out / INDEX_FILE]:
+            stale.unlink(missing_ok=True)
+
+
 def main(args: Any) -> int:
     """`tulu-jax convert to-orbax|to-hf`."""
+    prepare_out_dir(args.out, args.overwrite)
     if args.direction == "to-orbax":
         where = hf_to_orbax(args.hf, args.out, args.dtype)
         print(f"tulu-jax convert: wrote the parameters of {args.hf} to {where}", file=sys.stderr)

@@ -41,10 +41,12 @@ from tulu_jax.stages.common import (
     TokenizerSection,
     TrainSection,
     batch_shards,
+    check_run_dir,
     init_stage_state,
     load_stage_config,
     load_stage_tokenizer,
     make_stage_optimizer,
+    micro_batches_text,
     model_config_dict,
     num_train_steps,
     resolve_grad_accum,
@@ -281,6 +283,7 @@ def run_dpo(config: DPOConfig, sharding_path: str, *, devices: Sequence[Any] | N
     from tulu_jax.data.preference_batching import add_reference, preference_dataset
 
     spec, mesh = setup_mesh(sharding_path, devices)
+    check_run_dir(config)
     tokenizer = load_stage_tokenizer(config.tokenizer, config.model)
     model_config = resolve_model_config(config.model, tokenizer)
     accum = resolve_grad_accum(config.train, mesh, spec)
@@ -326,7 +329,7 @@ def run_dpo(config: DPOConfig, sharding_path: str, *, devices: Sequence[Any] | N
                           batch_shardings=shardings, grad_accum_steps=accum)
     print(
         f"tulu-jax dpo: {num_steps} steps of {config.train.global_batch_size} pairs × {config.data.max_seq_len} "
-        f"tokens per side ({accum} micro-batches), {config.dpo.loss_type} β={config.dpo.beta}, "
+        f"tokens per side ({micro_batches_text(accum)}), {config.dpo.loss_type} β={config.dpo.beta}, "
         f"{config.dpo.reference if use_reference else 'no'} reference, on mesh {dict(mesh.shape)}",
         file=sys.stderr,
     )
@@ -379,7 +382,7 @@ def aot_train_step(config: DPOConfig, mesh: Mesh, spec: ShardingSpec) -> tuple[A
     per_device = pairs // (accum * batch_shards(mesh, spec))
     summary = (
         f"dpo step ({config.dpo.loss_type}, concat_forward {config.dpo.concat_forward}): global batch {pairs} pairs × "
-        f"{seq_len} tokens per side, {accum} micro-batches of {per_device} pair(s) per device; model "
+        f"{seq_len} tokens per side, {micro_batches_text(accum)} of {per_device} pair(s) per device; model "
         f"{model_config.architecture} hidden {model_config.hidden_size} × {model_config.num_layers} layers, params "
         f"{model_config.param_dtype}, compute {model_config.compute_dtype}, remat {model_config.remat}"
     )

@@ -393,7 +393,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="RLVR-format rows: JSONL/Parquet file or saved dataset")
     parser.add_argument("--sharding", default=None, help="sharding file YAML (default: one device)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory or qwen2.5 (default: --model)")
-    parser.add_argument("--out", default=None, help="per-example JSONL (default: <data name>.eval.jsonl here)")
+    parser.add_argument("--out", default=None,
+                        help="per-example JSONL (default: eval/<data name>.jsonl in the model's run directory when "
+                             "the model is a run's hf/ export, else in the model directory)")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="response length limit (default: 512)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0 = off)")
@@ -408,9 +410,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="parameter/compute dtype")
 
 
-def default_out_path(data: str | os.PathLike[str]) -> pathlib.Path:
-    """`<data file stem>.eval.jsonl` in the working directory."""
-    return pathlib.Path(f"{pathlib.Path(data).stem}.eval.jsonl")
+def default_out_path(model_dir: str | os.PathLike[str], data: str | os.PathLike[str]) -> pathlib.Path:
+    """Where `tulu-jax eval` writes without --out: `eval/<data file stem>.jsonl` in the run directory when the model
+    is a run's `hf/` export (the run dir holds config.yaml), else in the model directory itself."""
+    model = pathlib.Path(model_dir)
+    base = model.parent if model.name == "hf" and (model.parent / "config.yaml").is_file() else model
+    return base / "eval" / f"{pathlib.Path(data).stem}.jsonl"
 
 
 def main(args: argparse.Namespace) -> int:
@@ -421,7 +426,7 @@ def main(args: argparse.Namespace) -> int:
     model = load_eval_model(os.fspath(resolve_path(args.model)), args.sharding, args.dtype)
     tokenizer = load_stage_tokenizer(TokenizerSection(path=args.tokenizer, chat_template=args.chat_template),
                                      ModelSection(path=args.model))
-    out_path = pathlib.Path(args.out) if args.out is not None else default_out_path(data)
+    out_path = pathlib.Path(args.out) if args.out is not None else default_out_path(resolve_path(args.model), data)
     result = evaluate(
         model, tokenizer, data, chat_template=args.chat_template, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, batch_size=args.batch_size,

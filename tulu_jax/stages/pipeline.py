@@ -17,8 +17,9 @@ writes `<stage>/eval.jsonl`. The summary table is computed from those files; `su
 `summary.png` (loss curves and accuracy per stage) go to the run directory.
 
 A stage is finished when its `<stage>/stage.json` exists (written last). `--resume` skips finished stages, and the
-stage that was cut off resumes from its latest checkpoint; without `--resume` a run directory that holds finished
-stages is refused. A new stage is a function registered in STAGES (RLVR joins this way).
+stage that was cut off resumes from its latest checkpoint; without `--resume` a run directory that holds a finished
+stage or a checkpoint is refused, and with it a changed config is refused unless `--allow-config-change`
+(`tulu_jax.stages.resume`). A new stage is a function registered in STAGES (RLVR joins this way).
 """
 
 from __future__ import annotations
@@ -40,14 +41,17 @@ from tulu_jax.config import dump_config, from_dict, load_config
 from tulu_jax.errors import ConfigError, DataError
 from tulu_jax.stages.common import ModelSection
 from tulu_jax.stages.paths import resolve_path
+from tulu_jax.stages.resume import check_resume, checkpoint_steps
 
 STAGE_FILE = "stage.json"
+PIPELINE_FILE = "pipeline.yaml"
 EVAL_FILE = "eval.jsonl"
 WORLD_FILE = "world.json"
 # Chat specials are single tokens, like a real model's: a prompt never merges into them.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>")
 # Keys of a training stage's config that the pipeline owns.
-_OWNED = {"model": None, "tokenizer": None, "data": ("sources", "format"), "output": ("run_dir",)}
+_OWNED = {"model": None, "tokenizer": None, "data": ("sources", "format"),
+          "output": ("run_dir", "resume", "allow_config_change")}
 
 
 # --------------------------------------------------------------------------------------------------- config
@@ -222,13 +226,15 @@ def check_held_out_is_clean(data: pathlib.Path, out: pathlib.Path) -> None:
 @dataclasses.dataclass(frozen=True)
 class StageContext:
     """What a stage gets: the pipeline config, the run directory, the sharding file, the latest model (an HF
-    directory, None before the first model) and the devices to run on (None: all)."""
+    directory, None before the first model), the devices to run on (None: all) and the pipeline's resume flags."""
 
     config: PipelineConfig
     run_dir: pathlib.Path
     sharding: str
     model_dir: pathlib.Path | None
     devices: Any = None
+    resume: bool = False  # the pipeline runs with --resume: a stage cut off before continues from its checkpoint
+    allow_config_change: bool = False
 
     def stage_dir(self, name: str) -> pathlib.Path:
         """Where stage `name` writes."""
@@ -258,6 +264,7 @@ def _train(name: str, runner: Callable[..., Any], ctx: StageContext) -> StageOut
     """Run training stage `name` (`runner(config, sharding, devices=...)`, e.g. run_sft) from the latest model."""
     model_path = None if ctx.model_dir is None else str(ctx.model_dir)
     config = stage_config(ctx.config, name, ctx.run_dir, model_path)
+    config.output.resume, config.output.allow_config_change = ctx.resume, ctx.allow_config_change
     runner(config, ctx.sharding, devices=ctx.devices)
     losses = [r["loss"] for r in _read_jsonl(ctx.stage_dir(name) / "metrics.jsonl") if "loss" in r]
     return StageOutput(ctx.stage_dir(name) / "hf", {"steps": len(losses), "final_loss": losses[-1]})
@@ -440,15 +447,21 @@ def write_summary(run_dir: pathlib.Path, rows: list[SummaryRow]) -> str:
     return table
 
 
-def run_pipeline(config: PipelineConfig, sharding: str, *, resume: bool = False, devices: Any = None) -> list[SummaryRow]:
-    """Run the configured stages (see the module docstring); returns the summary rows."""
+def run_pipeline(
+    config: PipelineConfig, sharding: str, *, resume: bool = False, allow_config_change: bool = False,
+    devices: Any = None,
+) -> list[SummaryRow]:
+    """Run the configured stages (see the module docstring); returns the summary rows. A run directory that holds
+    a finished stage or a checkpoint is continued only with `resume`, and with the same config unless
+    `allow_config_change` (tulu_jax.stages.resume)."""
     run_dir = pathlib.Path(config.run_dir)
     finished = [s for s in config.stages if (run_dir / s / STAGE_FILE).is_file()]
-    if finished and not resume:
-        raise ConfigError(f"{run_dir} already holds finished stages {finished}: pass --resume to continue it, "
-                          "or choose another run_dir")
+    started = [s for s in config.stages if s not in finished and checkpoint_steps(run_dir / s / "checkpoints")]
+    existing = ", ".join([*(f"stage {s} finished" for s in finished), *(f"stage {s} checkpointed" for s in started)])
+    check_resume(run_dir, PIPELINE_FILE, dump_config(config), existing=existing or None, resume=resume,
+                 allow_config_change=allow_config_change)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "pipeline.yaml").write_text(yaml.safe_dump(dump_config(config), sort_keys=False))
+    (run_dir / PIPELINE_FILE).write_text(yaml.safe_dump(dump_config(config), sort_keys=False))
     build_world(config, run_dir)
     model_dir: pathlib.Path | None = None
     for name in config.stages:
@@ -460,7 +473,7 @@ def run_pipeline(config: PipelineConfig, sharding: str, *, resume: bool = False,
             continue
         print(f"tulu-jax pipeline: {name} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        ctx = StageContext(config, run_dir, sharding, model_dir, devices)
+        ctx = StageContext(config, run_dir, sharding, model_dir, devices, resume, allow_config_change)
         output = STAGES[name].run(ctx)
         made_model = output.model_dir is not None and output.model_dir != model_dir
         if made_model:
@@ -480,7 +493,7 @@ def run_pipeline(config: PipelineConfig, sharding: str, *, resume: bool = False,
 def main(args: argparse.Namespace) -> int:
     """`tulu-jax pipeline`."""
     config = load_pipeline_config(args.config, tuple(args.overrides))
-    run_pipeline(config, args.sharding, resume=args.resume)
+    run_pipeline(config, args.sharding, resume=args.resume, allow_config_change=args.allow_config_change)
     return 0
 
 

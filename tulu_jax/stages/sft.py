@@ -34,10 +34,12 @@ from tulu_jax.stages.common import (
     OutputSection,
     TokenizerSection,
     TrainSection,
+    check_run_dir,
     init_stage_state,
     load_stage_config,
     load_stage_tokenizer,
     make_stage_optimizer,
+    micro_batches_text,
     num_train_steps,
     resolve_grad_accum,
     resolve_model_config,
@@ -264,6 +266,7 @@ def run_sft(config: SFTConfig, sharding_path: str, *, devices: Sequence[Any] | N
     from tulu_jax.data.pipeline import PipelineConfig, batch_dataset, batch_iterator
 
     spec, mesh = setup_mesh(sharding_path, devices)
+    check_run_dir(config)
     tokenizer = load_stage_tokenizer(config.tokenizer, config.model)
     model_config = resolve_model_config(config.model, tokenizer)
     accum = resolve_grad_accum(config.train, mesh, spec)
@@ -293,7 +296,7 @@ def run_sft(config: SFTConfig, sharding_path: str, *, devices: Sequence[Any] | N
     )
     print(
         f"tulu-jax sft: {num_steps} steps of {config.train.global_batch_size} sequences × {config.data.max_seq_len} "
-        f"tokens ({accum} micro-batches) on mesh {dict(mesh.shape)}",
+        f"tokens ({micro_batches_text(accum)}) on mesh {dict(mesh.shape)}",
         file=sys.stderr,
     )
     return train_and_export(
@@ -344,7 +347,7 @@ def aot_train_step(config: SFTConfig, mesh: jax.sharding.Mesh, spec: Any) -> tup
     per_device = config.train.global_batch_size // (accum * batch_shards(mesh, spec))
     summary = (
         f"sft step: global batch {config.train.global_batch_size} × {config.data.max_seq_len} tokens, "
-        f"{accum} micro-batches of {per_device} sequence(s) per device; model {model_config.architecture} "
+        f"{micro_batches_text(accum)} of {per_device} sequence(s) per device; model {model_config.architecture} "
         f"hidden {model_config.hidden_size} × {model_config.num_layers} layers, params {model_config.param_dtype}, "
         f"compute {model_config.compute_dtype}, remat {model_config.remat}"
     )
