@@ -71,8 +71,8 @@ def test_the_pod_commands_name_real_keys_and_stages():
 @pytest.mark.slow
 def test_the_toy_commands_run_in_order_on_a_fresh_directory(tmp_path):
     """Every toy command of the first "Commands" block, as written (eval on fewer prompts; compile-check aside:
-    test_compile_check.py), from a directory holding nothing but configs/ and sharding/."""
-    for name in ("configs", "sharding"):
+    test_compile_check.py), from a fresh directory laid out like a clone: configs/, sharding/, tulu_jax/."""
+    for name in ("configs", "sharding", "tulu_jax"):
         (tmp_path / name).symlink_to(REPO / name)
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
