@@ -98,7 +98,8 @@ def test_every_stage_leaves_its_artifacts(uninterrupted):
         assert [m["step"] for m in read_jsonl(run_dir / stage / "metrics.jsonl")][0] == 1
     assert len(read_jsonl(run_dir / "sft" / "metrics.jsonl")) == 12
     assert (run_dir / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| stage | held-out accuracy | mean reward |" in out
+    assert "| stage | held-out accuracy | 95% interval | wall time | notes |" in out  # rewards are 0/1: no mean reward
+    assert (run_dir / "dpo" / "tensorboard").is_dir()
     assert (run_dir / "summary.md").read_text().strip() in out
 
 

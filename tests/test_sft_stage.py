@@ -374,6 +374,9 @@ def test_run_dir_holds_config_metrics_and_data_report(reference_run):
     early = np.mean([metrics[s]["loss"] for s in range(1, 4)])
     late = np.mean([metrics[s]["loss"] for s in range(RUN_STEPS - 4, RUN_STEPS + 1)])
     assert late < 0.6 * early  # the toy model learns
+    for row in metrics.values():  # the recipe's loss sums over the batch's 16 padded sequences; this is per token
+        assert row["loss_per_token"] == pytest.approx(row["loss"] * 16 / row["supervised_tokens"], rel=1e-5)
+    assert list((reference_run / "tensorboard").glob("events.out.tfevents.*"))  # output.tensorboard: true
     report = json.loads((reference_run / "data_report.json").read_text())
     assert report["rows"] == 240 and report["kept"] + report["no_supervised_tokens"] == 240
     assert report["truncated"] > 0  # max_seq_len 128 cuts the longest rows

@@ -274,6 +274,7 @@ class OutputSection:
     export_hf: bool = True
     export_dtype: DType | None = None
     progress: bool = True
+    tensorboard: bool = True  # also log scalars to run_dir/tensorboard when tensorboardX (or torch's) is installed
     resume: bool = False  # continue run_dir's checkpoint (`--resume`); tulu_jax.stages.resume has the rules
     allow_config_change: bool = False  # with resume: accept (and record) a changed config (`--allow-config-change`)
 
@@ -524,7 +525,8 @@ def abstract_batch(
 
 
 class ThroughputWriter:
-    """A MetricsWriter front that adds `step_time_s` and `tokens_per_s` to every step's row.
+    """A MetricsWriter front that adds `step_time_s`, `tokens_per_s` and (for token-level losses, whose rows carry
+    `nll_sum` and `supervised_tokens`) `loss_per_token` to every step's row.
 
     The loop fetches metrics in windows (every `log_every` steps, before a checkpoint, at the end), so the
     wall time of a window is only known when it is fetched: every step of a window gets the window's mean step
@@ -554,6 +556,8 @@ class ThroughputWriter:
             return
         row = dict(jax.device_get(dict(metrics)))
         row["step_time_s"] = self._step_time
+        if "nll_sum" in row and "supervised_tokens" in row:  # comparable across batch shapes, unlike a sum loss
+            row["loss_per_token"] = float(row["nll_sum"]) / max(float(row["supervised_tokens"]), 1.0)
         if "tokens" in row:
             row["tokens_per_s"] = float(row["tokens"]) / max(self._step_time, 1e-12)
         self._writer.write(step, row)
@@ -624,7 +628,8 @@ def train_and_export(
     if tokenizer is not None and jax.process_index() == 0:  # `tulu-jax convert to-hf` copies it next to the weights
         tokenizer.save_pretrained(str(run_dir / "tokenizer"))
     checkpointer = Checkpointer(run_dir / "checkpoints", max_to_keep=output.keep_last)
-    writer = ThroughputWriter(MetricsWriter(run_dir / "metrics.jsonl"))
+    writer = ThroughputWriter(MetricsWriter(run_dir / "metrics.jsonl",
+                                            run_dir / "tensorboard" if output.tensorboard else None))
     metadata = {"stage": stage, "config": dump_config(config), "model_config": model_dict}
     try:
         state = run_training(

@@ -14,7 +14,7 @@ sets, and a byte-level BPE trained on them. The stages, in `stages` order, are o
 
 After every stage that makes a model, `tulu_jax.stages.eval.evaluate` scores it (greedy) on the held-out set and
 writes `<stage>/eval.jsonl`. The summary table is computed from those files; `summary.json`, `summary.md` and
-`summary.png` (loss curves and accuracy per stage) go to the run directory.
+`summary.png` (losses, DPO rewards, accuracy with 95% intervals: `tulu_jax.stages.summary`) go to the run directory.
 
 A stage is finished when its `<stage>/stage.json` exists (written last). `--resume` skips finished stages, and the
 stage that was cut off resumes from its latest checkpoint; without `--resume` a run directory that holds a finished
@@ -42,10 +42,17 @@ from tulu_jax.errors import ConfigError, DataError
 from tulu_jax.stages.common import ModelSection
 from tulu_jax.stages.paths import resolve_path
 from tulu_jax.stages.resume import check_resume, checkpoint_steps
+from tulu_jax.stages.summary import (
+    EVAL_FILE,
+    METRICS_FILE,
+    STAGE_FILE,
+    SummaryRow,
+    summarize,
+    training_info,
+    write_summary,
+)
 
-STAGE_FILE = "stage.json"
 PIPELINE_FILE = "pipeline.yaml"
-EVAL_FILE = "eval.jsonl"
 WORLD_FILE = "world.json"
 # Chat specials are single tokens, like a real model's: a prompt never merges into them.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>")
@@ -266,8 +273,7 @@ def _train(name: str, runner: Callable[..., Any], ctx: StageContext) -> StageOut
     config = stage_config(ctx.config, name, ctx.run_dir, model_path)
     config.output.resume, config.output.allow_config_change = ctx.resume, ctx.allow_config_change
     runner(config, ctx.sharding, devices=ctx.devices)
-    losses = [r["loss"] for r in _read_jsonl(ctx.stage_dir(name) / "metrics.jsonl") if "loss" in r]
-    return StageOutput(ctx.stage_dir(name) / "hf", {"steps": len(losses), "final_loss": losses[-1]})
+    return StageOutput(ctx.stage_dir(name) / "hf", training_info(ctx.stage_dir(name) / METRICS_FILE))
 
 
 def _preferences(ctx: StageContext) -> StageOutput:
@@ -288,7 +294,7 @@ def _preferences(ctx: StageContext) -> StageOutput:
     repeated = [row for row in rows for _ in range(p.samples_per_prompt)]
     completions = generate_completions(
         model, tokenizer, repeated, max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p,
-        batch_size=p.batch_size, seed=ctx.config.seed,
+        batch_size=p.batch_size, seed=ctx.config.seed, progress=True,
     )
     rng = np.random.default_rng(ctx.config.seed)
     pairs, all_correct, none_correct, rewards = [], 0, 0, []
@@ -346,10 +352,6 @@ def _register_builtin() -> None:
 # --------------------------------------------------------------------------------------------------- run
 
 
-def _read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def evaluate_stage(ctx: StageContext, name: str, model_dir: pathlib.Path) -> None:
     """Greedy evaluation of `model_dir` on the held-out set → `<stage>/eval.jsonl`."""
     from tulu_jax.data.tokenizers import load_tokenizer
@@ -360,91 +362,9 @@ def evaluate_stage(ctx: StageContext, name: str, model_dir: pathlib.Path) -> Non
     result = evaluate(
         load_hf_checkpoint(model_dir), load_tokenizer(ctx.run_dir / "tokenizer"), ctx.run_dir / "data" / "eval.jsonl",
         max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, out_path=ctx.stage_dir(name) / EVAL_FILE,
+        progress=True,
     )
     print(f"tulu-jax pipeline: {name}: held-out accuracy {result.overall_accuracy:.3f}", file=sys.stderr)
-
-
-@dataclasses.dataclass(frozen=True)
-class SummaryRow:
-    """One stage's line of the summary: accuracy and mean reward from its eval file (None without a model)."""
-
-    stage: str
-    accuracy: float | None
-    mean_reward: float | None
-    wall_s: float
-    info: dict[str, Any]
-
-
-def summarize(run_dir: pathlib.Path, stages: list[str]) -> list[SummaryRow]:
-    """The summary rows of the finished stages, read back from `<stage>/stage.json` and `<stage>/eval.jsonl`."""
-    rows = []
-    for name in stages:
-        marker = run_dir / name / STAGE_FILE
-        if not marker.is_file():
-            continue
-        done = json.loads(marker.read_text())
-        eval_file = run_dir / name / EVAL_FILE
-        accuracy = reward = None
-        if done["evaluated"]:
-            rewards = [r["reward"] for r in _read_jsonl(eval_file)]
-            accuracy = sum(r == 1.0 for r in rewards) / len(rewards)
-            reward = sum(rewards) / len(rewards)
-        rows.append(SummaryRow(name, accuracy, reward, done["wall_s"], done["info"]))
-    return rows
-
-
-def _describe(row: SummaryRow) -> str:
-    info = row.info
-    if "pairs" in info:
-        return f"{info['pairs']} pairs from {info['prompts']} prompts; sample reward {info['sample_reward']:.3f}"
-    if "steps" in info:
-        return f"{info['steps']} steps, final loss {info['final_loss']:.4f}"
-    return ""
-
-
-def format_table(rows: list[SummaryRow]) -> str:
-    """The summary as a Markdown table."""
-    def number(x: float | None) -> str:
-        return "—" if x is None else f"{x:.3f}"
-
-    lines = ["| stage | held-out accuracy | mean reward | wall time | notes |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r.stage} | {number(r.accuracy)} | {number(r.mean_reward)} | {r.wall_s:.0f} s | "
-                     f"{_describe(r)} |")
-    return "\n".join(lines)
-
-
-def plot_summary(run_dir: pathlib.Path, rows: list[SummaryRow], out: pathlib.Path) -> None:
-    """A PNG: the training loss of each training stage, and held-out accuracy per evaluated stage."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    trained = [r for r in rows if "steps" in r.info]
-    evaluated = [r for r in rows if r.accuracy is not None]
-    fig, axes = plt.subplots(1, len(trained) + 1, figsize=(4 * (len(trained) + 1), 3.4))
-    for ax, row in zip(axes, trained):
-        metrics = [m for m in _read_jsonl(run_dir / row.stage / "metrics.jsonl") if "loss" in m]
-        ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], lw=1.2)
-        ax.set(title=f"{row.stage} loss", xlabel="step")
-        ax.grid(alpha=0.3)
-    ax = axes[-1]
-    bars = ax.bar([r.stage for r in evaluated], [r.accuracy for r in evaluated], color="tab:green")
-    ax.bar_label(bars, fmt="%.2f")
-    ax.set(title="held-out accuracy (GSM8K verifier)", ylim=(0, 1.05))
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-
-
-def write_summary(run_dir: pathlib.Path, rows: list[SummaryRow]) -> str:
-    """Write summary.json, summary.md and summary.png; returns the table."""
-    table = format_table(rows)
-    (run_dir / "summary.json").write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
-    (run_dir / "summary.md").write_text(table + "\n")
-    plot_summary(run_dir, rows, run_dir / "summary.png")
-    return table
 
 
 def run_pipeline(
