@@ -234,10 +234,10 @@ def test_bad_rows_raise_data_error_naming_file_row_field(tmp_path, bad, field):
     with pytest.raises(DataError) as info:
         load_eval_rows(path)
     assert (info.value.file, info.value.row, info.value.field) == (str(path), 3, field)
-    # In-memory rows are numbered by list index.
+    # In-memory rows are numbered from 1 too.
     with pytest.raises(DataError) as info:
         load_eval_rows([GOOD, bad])
-    assert (info.value.file, info.value.row, info.value.field) == (IN_MEMORY, 1, field)
+    assert (info.value.file, info.value.row, info.value.field) == (IN_MEMORY, 2, field)
 
 
 def test_building_the_cli_parser_does_not_start_jax():
@@ -263,7 +263,7 @@ def test_skip_mode_counts_bad_rows_and_evaluates_the_rest(model, tokenizer, cli_
     out = tmp_path / "skip.jsonl"
     result = evaluate(model, tokenizer, rows, on_error="skip", max_new_tokens=MAX_NEW, batch_size=BATCH, out_path=out)
     assert result.num_skipped == 2
-    assert [(r.file, r.row) for r in result.records] == [(IN_MEMORY, 0), (IN_MEMORY, 2), (IN_MEMORY, 4)]
+    assert [(r.file, r.row) for r in result.records] == [(IN_MEMORY, 1), (IN_MEMORY, 3), (IN_MEMORY, 5)]
     # Greedy answers do not depend on which prompts share a batch: they equal the CLI run's.
     expected = cli_run[2][:3]
     assert [r.response for r in result.records] == [r["response"] for r in expected]

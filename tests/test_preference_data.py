@@ -63,8 +63,10 @@ def test_both_row_shapes_tokenize_like_sft_conversations(tokenizer):
 
 
 def test_truncation_drops_empty_responses_and_counts(tmp_path, tokenizer):
-    short_prompt = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [GOOD], "rejected": [BAD]}
-    long_prompt = {"prompt": [{"role": "user", "content": USER["content"] * 3}], "chosen": [GOOD], "rejected": [BAD]}
+    # The rejected side differs from the first token on: truncated pairs stay different (identical ones are dropped).
+    bad = {"role": "assistant", "content": "9, since 3 + 4 = 9."}
+    short_prompt = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [GOOD], "rejected": [bad]}
+    long_prompt = {"prompt": [{"role": "user", "content": USER["content"] * 3}], "chosen": [GOOD], "rejected": [bad]}
     path = write_jsonl(tmp_path / "p.jsonl", [short_prompt, long_prompt])
     full_short, _ = tokenize_pair(short_prompt, tokenizer, max_seq_len=10**6)
     prompt_len = int(np.argmax(full_short["chosen_labels"] != IGNORE_INDEX))
@@ -79,14 +81,14 @@ def test_truncation_drops_empty_responses_and_counts(tmp_path, tokenizer):
     assert (stats.report()["kept"], stats.report()["dropped_empty"], stats.report()["truncated"]) == (1, 1, 1)
 
 
-def test_identical_sides_are_kept_and_counted(tmp_path, tokenizer):
+def test_identical_sides_are_dropped_and_counted(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "p.jsonl", [
         {"chosen": [USER, GOOD], "rejected": [USER, GOOD]},
         {"prompt": [USER], "chosen": [GOOD], "rejected": [BAD]},
     ])
     pairs, stats = load_preference_pairs([Source(path)], tokenizer, max_seq_len=512, shuffle=False)
-    assert (len(pairs), stats.kept, stats.identical) == (2, 2, 1)
-    assert "1 with chosen == rejected" in stats.summary()
+    assert (len(pairs), stats.kept, stats.identical) == (1, 1, 1)
+    assert "1 dropped with chosen == rejected" in stats.summary()
 
 
 BAD_ROWS = [
@@ -99,6 +101,8 @@ BAD_ROWS = [
     ({"prompt": [{"role": "user", "content": 3}], "chosen": [GOOD], "rejected": [BAD]}, "prompt[0].content",
      "content must be a string"),
     ("{broken json", None, "not valid JSON"),
+    ({"chosen": [USER, GOOD], "rejected": [{"role": "user", "content": "another question"}, BAD]}, "rejected",
+     "different prompts (they differ at turn 0)"),
 ]
 
 
@@ -119,7 +123,7 @@ def test_skip_mode_counts_every_bad_row(tmp_path, tokenizer):
     pairs, stats = load_preference_pairs([Source(path)], tokenizer, max_seq_len=512, on_error="skip")
     (source,) = stats.sources
     assert (len(pairs), source.rows, source.valid, source.skipped) == (2, len(rows), 2, len(BAD_ROWS))
-    assert source.skipped_by_field["rejected"] == 3 and source.skipped_by_field["(row)"] == 2
+    assert source.skipped_by_field["rejected"] == 4 and source.skipped_by_field["(row)"] == 2
     assert f"{len(BAD_ROWS)} skipped" in stats.summary()
     # A recipe config stops when more than data.max_bad_fraction of a source is malformed.
     with pytest.raises(DataError, match=f"{len(BAD_ROWS)} of {len(rows)} rows are malformed"):

@@ -47,6 +47,8 @@ def stage_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-config-change", dest="overrides", action="append_const",
                         const="output.allow_config_change=true",
                         help="with --resume: accept a changed config; the change is recorded in the run directory")
+    parser.add_argument("--strict-resume", dest="overrides", action="append_const", const="output.strict_resume=true",
+                        help="stop if the newest checkpoint is corrupt instead of resuming from the newest intact one")
 
 
 def compile_check_arguments(parser: argparse.ArgumentParser) -> None:
@@ -180,9 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse, import the command's module, run it; returns the exit status."""
     args = build_parser().parse_args(argv)
     command = COMMANDS[args.command]
-    configure_platform(getattr(args, "sharding", None), command.environment)
     module_name, function_name = command.target.split(":")
     try:
+        configure_platform(getattr(args, "sharding", None), command.environment)  # reads the sharding YAML
         function = getattr(importlib.import_module(module_name), function_name)
         return int(function(args) or 0)
     except TuluJaxError as e:

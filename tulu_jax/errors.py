@@ -30,3 +30,11 @@ class DataError(TuluJaxError):
 
 class CheckpointError(TuluJaxError):
     """A checkpoint or HF model directory that does not fit the model it is loaded into."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint whose files are unreadable or whose arrays fail their integrity check (resume falls back)."""
+
+
+class TrainingError(TuluJaxError):
+    """A run that cannot go on, e.g. too many consecutive non-finite steps; names the step and the checkpoint."""

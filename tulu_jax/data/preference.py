@@ -13,8 +13,9 @@ What happens to rows, all counted in `PreferenceStats` and never silent:
 - a malformed row raises DataError naming file, row and field, or is skipped and counted (on_error="skip");
 - a pair one of whose sides has no response token left after truncation is dropped (`dropped_empty`);
 - a kept pair with a truncated side counts in `truncated`;
-- a pair whose two sides tokenize identically is kept (its loss is a constant with zero gradient) and counted in
-  `identical`, so that a broken dataset shows up in the run's report.
+- a two-conversation row whose chosen and rejected prompt turns differ is malformed (DataError, or skipped);
+- a pair whose two sides tokenize identically is dropped (it carries no preference: a constant loss with zero
+  gradient) and counted in `identical`, so that a broken dataset shows up in the run's report.
 """
 
 from __future__ import annotations
@@ -47,12 +48,33 @@ def validate_preference_row(data: Any, *, file: str | None = None, row: int | No
     if "prompt" not in data:
         for side in SIDES:
             validate_messages(data[side], file=file, row=row, field=side)
+        _check_same_prompt(data, file=file, row=row)
         return
     validate_messages(data["prompt"], file=file, row=row, field="prompt", require_assistant=False)
     for side in SIDES:
         validate_messages(data[side], file=file, row=row, field=side, require_assistant=False)
         if not any(message["role"] == "assistant" for message in data[side]):
             raise DataError("the response has no assistant turn: nothing to compare", file=file, row=row, field=side)
+
+
+def _prompt_turns(messages: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The turns before the final assistant response (the trailing assistant turns)."""
+    end = len(messages)
+    while end and messages[end - 1]["role"] == "assistant":
+        end -= 1
+    return list(messages[:end])
+
+
+def _check_same_prompt(data: Mapping[str, Any], *, file: str | None, row: int | None) -> None:
+    """DataError unless two whole conversations share their prompt turns: otherwise the pair compares answers to
+    different questions."""
+    chosen, rejected = (_prompt_turns(data[side]) for side in SIDES)
+    if chosen != rejected:
+        turn = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+        raise DataError(
+            f"chosen and rejected have different prompts (they differ at turn {turn}): not a preference pair",
+            file=file, row=row, field="rejected",
+        )
 
 
 def pair_conversations(data: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -92,7 +114,7 @@ class PreferenceStats:
             lines.extend(f"  e.g. {example}" for example in self.tokenization.examples)
         lines.append(
             f"preference pairs: {self.kept} kept, {self.dropped_empty} dropped (a response empty after truncation), "
-            f"{self.truncated} truncated, {self.identical} with chosen == rejected"
+            f"{self.truncated} truncated, {self.identical} dropped with chosen == rejected"
         )
         return "\n".join(lines)
 
@@ -167,9 +189,11 @@ def load_preference_pairs(
         if pair is None:
             stats.dropped_empty += 1
             continue
+        if same_sides(pair):
+            stats.identical += 1
+            continue
         stats.kept += 1
         stats.truncated += truncated
-        stats.identical += same_sides(pair)
         pairs.append(pair)
     check_bad_fraction(stats.tokenization, max_bad_fraction)
     return pairs, stats

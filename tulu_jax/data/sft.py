@@ -55,8 +55,6 @@ def assistant_char_spans(
     def render(prefix: list[Mapping[str, Any]], generation_prompt: bool) -> str:
         try:
             return apply_chat_template(prefix, tokenizer, template=template, add_generation_prompt=generation_prompt)
-        except jinja2.TemplateSyntaxError as err:
-            raise ConfigError(f"the chat template does not parse: {err}") from err
         except jinja2.TemplateError as err:  # raise_exception(...) or an undefined field: about this conversation
             raise DataError(f"the chat template failed: {err}", file=file, row=row, field="messages") from err
 

@@ -106,13 +106,20 @@ def apply_chat_template(
     """Renders `messages` to text with `template` (see `resolve_chat_template`); the tokenizer supplies eos_token etc.
 
     The text is meant to be tokenized with `add_special_tokens=False`: any BOS is the template's business.
+    A template the Jinja sandbox blocks (or that does not parse) is a ConfigError.
     """
-    rendered = tokenizer.apply_chat_template(
-        [dict(m) for m in messages],
-        chat_template=resolve_chat_template(tokenizer, template),
-        tokenize=False,
-        add_generation_prompt=add_generation_prompt,
-    )
+    from jinja2.exceptions import SecurityError, TemplateSyntaxError
+
+    source = resolve_chat_template(tokenizer, template)
+    try:
+        rendered = tokenizer.apply_chat_template(
+            [dict(m) for m in messages], chat_template=source, tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+    except (SecurityError, TemplateSyntaxError) as e:  # the template itself is unusable, whatever the row
+        name = template if template in NAMED_TEMPLATES else "given as a jinja string"
+        what = "is blocked by the Jinja sandbox" if isinstance(e, SecurityError) else "is not valid Jinja"
+        raise ConfigError(f"chat template {name} {what}: {e}") from None
     if not isinstance(rendered, str):  # a batch of conversations or a tokenized result: not what we asked for
         raise TypeError(f"apply_chat_template returned {type(rendered).__name__}, expected str")
     return rendered

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
@@ -60,16 +62,57 @@ _QWEN25_BUILD_VERSION = "1"
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
-    """A tokenizer from a local HF tokenizer directory (tokenizer.json / tokenizer_config.json); never downloads."""
-    from transformers import AutoTokenizer
-
+    """A tokenizer from a local HF tokenizer directory (tokenizer.json / tokenizer_config.json); never downloads and
+    never runs code from the directory (see `refuse_remote_code`)."""
     directory = pathlib.Path(path)
     if not directory.is_dir():
         raise ConfigError(f"tokenizer directory {directory} does not exist (only local directories are supported)")
+    refuse_remote_code(directory)
+    from transformers import AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot load a tokenizer from {directory}: {err}") from err
+
+
+def refuse_remote_code(directory: pathlib.Path) -> None:
+    """ConfigError when the folder's tokenizer_config.json or config.json has `auto_map`: it names Python files of
+    the folder that transformers would offer to run ("trust_remote_code"); tulu-jax never runs them."""
+    for name in ("tokenizer_config.json", "config.json"):
+        file = directory / name
+        if not file.is_file():
+            continue
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{file}: not valid JSON ({e})") from None
+        if isinstance(data, dict) and "auto_map" in data:
+            raise ConfigError(
+                f"{file} has 'auto_map': the folder needs its own Python code, and tulu-jax never runs code from "
+                "model folders (use a tokenizer that transformers supports natively)"
+            )
+
+
+# Models pad their embedding past the tokenizer (Qwen 2.5: 151,665 tokens, 152,064 rows); a bigger gap than this
+# fraction of the vocabulary means the tokenizer belongs to another model.
+VOCAB_PADDING_FRACTION = 0.01
+
+
+def check_vocabulary(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> None:
+    """ConfigError when the tokenizer has ids the model's embedding lacks; a warning line on stderr when it has
+    far fewer tokens than the vocabulary (the model can emit ids that decode to nothing)."""
+    size = len(tokenizer)
+    if size > vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {size} tokens but the model's vocab_size is {vocab_size} "
+            "(set model.overrides.vocab_size, or use the model's own tokenizer)"
+        )
+    if vocab_size - size > VOCAB_PADDING_FRACTION * vocab_size:
+        print(
+            f"tulu-jax: warning: the tokenizer has {size} tokens but the model's vocab_size is {vocab_size}: "
+            "is it the model's own tokenizer? (generated ids past the tokenizer decode to nothing)",
+            file=sys.stderr,
+        )
 
 
 def qwen_tiktoken_path() -> pathlib.Path:
@@ -108,7 +151,7 @@ def _qwen25_cached(instruct: bool, root: str) -> PreTrainedTokenizerBase:
     if (target / "tokenizer.json").is_file():
         from transformers import PreTrainedTokenizerFast  # not AutoTokenizer: its import pulls in torch
 
-        return PreTrainedTokenizerFast.from_pretrained(str(target), local_files_only=True)
+        return PreTrainedTokenizerFast.from_pretrained(str(target), local_files_only=True, trust_remote_code=False)
     tokenizer = _build_qwen25(ranks, instruct=instruct)
     # Build into a private folder and rename it into place, so that concurrent processes never see a half-written one.
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from tulu_jax.errors import CheckpointError
+from tulu_jax.finite import nonfinite_leaves
 from tulu_jax.models.config import ModelConfig, load_hf_config
 from tulu_jax.models.decoder import Decoder, layer_param_specs
 
@@ -111,7 +112,7 @@ def load_hf_checkpoint(hf_dir: str | os.PathLike[str], *, dtype: Any = None, sha
     NamedSharding matching `nnx.state(abstract Decoder)` (default: one device). overrides: other ModelConfig
     fields (e.g. remat, compute_dtype). Each tensor is read slice by slice straight into its target sharding.
     Raises CheckpointError naming the file/tensor for an unsupported architecture, a missing shard file, a missing,
-    unexpected or wrong-shaped tensor.
+    unexpected or wrong-shaped tensor, and for parameters holding NaN or inf.
     """
     hf_dir = os.fspath(hf_dir)
     config = load_hf_config(os.path.join(hf_dir, "config.json"), **dtype_fields(dtype, overrides))
@@ -151,7 +152,19 @@ def load_module(hf_dir: str, config: ModelConfig, factory: Any, sources: dict[tu
             return _load_param(sources[key], tensors, leaf, sharding)
 
         state = jax.tree_util.tree_map_with_path(load, abstract_state)
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    refuse_nonfinite(model, f"{hf_dir} (loaded)")
+    return model
+
+
+def refuse_nonfinite(model: Decoder, what: str) -> None:
+    """CheckpointError naming the parameters of `model` that hold NaN or inf (a diverged or damaged model)."""
+    bad = nonfinite_leaves(nnx.state(model, nnx.Param))
+    if bad:
+        raise CheckpointError(
+            f"{what}: {len(bad)} parameter arrays hold NaN or inf (e.g. {bad[0]}); the model diverged or its files "
+            "are damaged"
+        )
 
 
 def load_model(hf_dir: str | os.PathLike[str], *, dtype: Any = None, shardings: Any = None) -> Decoder:
@@ -317,10 +330,12 @@ def save_hf_checkpoint(model: Decoder, out_dir: str | os.PathLike[str], *,
 
     Writes config.json, generation_config.json (when token ids are known) and safetensors: one model.safetensors,
     or model-0000k-of-0000n.safetensors shards of at most `max_shard_bytes` plus model.safetensors.index.json.
-    dtype: tensor dtype in the files (default: the model's param dtype). Sharded arrays are gathered one HF tensor
+    dtype: tensor dtype in the files (default: the model's param dtype). A model holding NaN or inf is refused
+    (CheckpointError) before anything is written. Sharded arrays are gathered one HF tensor
     at a time; every process must call this, process 0 writes.
     """
     out_dir = os.fspath(out_dir)
+    refuse_nonfinite(model, f"export to {out_dir}")
     config = model.config
     out_dtype = np.dtype(jnp.dtype(dtype if dtype is not None else config.param_dtype))
     params = {path: var[...] for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}

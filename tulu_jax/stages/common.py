@@ -239,7 +239,8 @@ class OptimSection:
 class TrainSection:
     """Steps and batch: global_batch_size sequences per optimizer step, split into grad_accum_steps
     micro-batches; or give per_device_batch_size (sequences per batch-parallel device per micro-batch) and the
-    accumulation follows from the mesh. epochs over the data; max_steps caps the run. seed: model init + rng."""
+    accumulation follows from the mesh. epochs over the data; max_steps caps the run. seed: model init + rng.
+    max_nonfinite_steps: the run stops after this many consecutive steps skipped for a NaN/inf loss or gradient."""
 
     global_batch_size: int = 128
     grad_accum_steps: int | None = None
@@ -247,10 +248,12 @@ class TrainSection:
     epochs: int = 2
     max_steps: int | None = None
     seed: int = 0
+    max_nonfinite_steps: int = 3
 
     def __post_init__(self) -> None:
         _positive(self.global_batch_size, "train.global_batch_size")
         _positive(self.epochs, "train.epochs")
+        _positive(self.max_nonfinite_steps, "train.max_nonfinite_steps")
         for key in ("grad_accum_steps", "per_device_batch_size", "max_steps"):
             if getattr(self, key) is not None:
                 _positive(getattr(self, key), f"train.{key}")
@@ -264,7 +267,8 @@ class OutputSection:
 
     save_every: checkpoint every this many steps (null: only at the end and on SIGTERM); keep_last: checkpoints
     kept; log_every: steps between metric fetches (every step is still written); export_hf: write run_dir/hf
-    (model + tokenizer) at the end, in export_dtype (default: model.param_dtype).
+    (model + tokenizer) at the end, in export_dtype (default: model.param_dtype). strict_resume (`--strict-resume`):
+    a corrupt newest checkpoint stops the run instead of falling back to the newest intact one.
     """
 
     run_dir: str = "runs/sft"
@@ -277,6 +281,7 @@ class OutputSection:
     tensorboard: bool = True  # also log scalars to run_dir/tensorboard when tensorboardX (or torch's) is installed
     resume: bool = False  # continue run_dir's checkpoint (`--resume`); tulu_jax.stages.resume has the rules
     allow_config_change: bool = False  # with resume: accept (and record) a changed config (`--allow-config-change`)
+    strict_resume: bool = False  # a corrupt newest checkpoint stops the run (`--strict-resume`)
 
     def __post_init__(self) -> None:
         for key in ("keep_last", "log_every"):
@@ -389,12 +394,9 @@ def resolve_model_config(
         config = preset_config(section.preset, fields)
         from_scratch = True
     if tokenizer is not None:
-        size = len(tokenizer)
-        if size > config.vocab_size:
-            raise ConfigError(
-                f"the tokenizer has {size} tokens but the model's vocab_size is {config.vocab_size} "
-                "(set model.overrides.vocab_size, or use the model's own tokenizer)"
-            )
+        from tulu_jax.data.tokenizers import check_vocabulary
+
+        check_vocabulary(tokenizer, config.vocab_size)
         if from_scratch:
             config = config.replace(
                 eos_token_id=tokenizer.eos_token_id,
@@ -645,6 +647,8 @@ def train_and_export(
             metadata=metadata,
             prepare_batch=prepare_batch,
             progress=output.progress,
+            max_nonfinite_steps=config.train.max_nonfinite_steps,
+            strict_resume=output.strict_resume,
         )
     finally:
         writer.close()

@@ -65,8 +65,12 @@ def restore_params(state_dir: str | os.PathLike[str], config: ModelConfig, shard
                 partial_restore=True,
             ),
         )
-    except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
-        raise CheckpointError(f"{state_dir}: the parameters do not match {MODEL_CONFIG_FILE} ({e})") from None
+    except Exception as e:  # noqa: BLE001 — orbax and tensorstore raise many types (bare Exception among them)
+        reason = " ".join(str(e).split())[:300]
+        raise CheckpointError(
+            f"{state_dir}: cannot read parameters of the model in {MODEL_CONFIG_FILE} (damaged files or another model: "
+            f"{reason})"
+        ) from None
     values = jax.tree.map(lambda node: node["value"], restored["params"], is_leaf=lambda n: isinstance(n, dict)
                           and set(n) == {"value"})
     nnx.replace_by_pure_dict(params, values)
@@ -96,7 +100,8 @@ def run_checkpoint_to_hf(
 ) -> int:
     """Export checkpoint `step` (default: the latest) of a run as an HF directory, with the run's tokenizer.
 
-    Returns the exported step.
+    Returns the exported step. A checkpoint whose parameters fail their recorded checksums, or hold NaN/inf, is
+    refused (CheckpointError) before anything is written.
     """
     from tulu_jax.models.hf_io import save_hf_checkpoint
     from tulu_jax.train import Checkpointer
@@ -106,15 +111,17 @@ def run_checkpoint_to_hf(
     checkpointer = Checkpointer(run / "checkpoints")
     try:
         steps = checkpointer.all_steps()
+        if not steps:
+            raise CheckpointError(f"{run / 'checkpoints'}: no finalized checkpoint")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise CheckpointError(f"{run / 'checkpoints'}: no checkpoint for step {step} (have {steps})")
+        model = restore_params(run / "checkpoints" / str(step) / "state", config)
+        # A damaged checkpoint is never exported: the parameters must match the checksums saved with them.
+        checkpointer.verify(step, {"params": nnx.state(model, nnx.Param)})
     finally:
         checkpointer.close()
-    if not steps:
-        raise CheckpointError(f"{run / 'checkpoints'}: no finalized checkpoint")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise CheckpointError(f"{run / 'checkpoints'}: no checkpoint for step {step} (have {steps})")
-    model = restore_params(run / "checkpoints" / str(step) / "state", config)
     save_hf_checkpoint(model, out_dir, dtype=dtype)
     tokenizer_dir = run / "tokenizer"
     if tokenizer_dir.is_dir() and jax.process_index() == 0:

@@ -72,8 +72,11 @@ def validate_eval_row(data: Any, *, file: str | None = None, row: int | None = N
 
 
 def _in_memory_rows(rows: Sequence[Mapping[str, Any]], stats: RowStats, on_error: OnError) -> Iterator[Row]:
-    """`iter_rows` for rows given as Python objects (numbered from 0 by their index)."""
-    records = ((IN_MEMORY, index, dict(data) if isinstance(data, Mapping) else data) for index, data in enumerate(rows))
+    """`iter_rows` for rows given as Python objects (numbered from 1, like JSONL lines: row n is rows[n - 1])."""
+    records = (
+        (IN_MEMORY, number, dict(data) if isinstance(data, Mapping) else data)
+        for number, data in enumerate(rows, start=1)
+    )
     return validated_rows(records, stats, on_error=on_error, validate=validate_eval_row)
 
 
@@ -117,7 +120,7 @@ class Completion:
 @dataclasses.dataclass(frozen=True)
 class EvalRecord:
     """One example's line of the output JSONL. `dataset` is the verifier's name (lower case); `file`/`row` locate
-    the source row (`<rows>` and the list index for in-memory rows)."""
+    the source row (`<rows>` and the 1-based position for in-memory rows)."""
 
     file: str
     row: int
@@ -420,12 +423,14 @@ def default_out_path(model_dir: str | os.PathLike[str], data: str | os.PathLike[
 
 def main(args: argparse.Namespace) -> int:
     """`tulu-jax eval`: load the model and tokenizer, evaluate, print the per-dataset table, write the JSONL."""
+    from tulu_jax.data.tokenizers import check_vocabulary
     from tulu_jax.stages.common import ModelSection, TokenizerSection, load_stage_tokenizer, resolve_path
 
     data = resolve_path(args.data)
     model = load_eval_model(os.fspath(resolve_path(args.model)), args.sharding, args.dtype)
     tokenizer = load_stage_tokenizer(TokenizerSection(path=args.tokenizer, chat_template=args.chat_template),
                                      ModelSection(path=args.model))
+    check_vocabulary(tokenizer, model.config.vocab_size)
     out_path = pathlib.Path(args.out) if args.out is not None else default_out_path(resolve_path(args.model), data)
     result = evaluate(
         model, tokenizer, data, chat_template=args.chat_template, max_new_tokens=args.max_new_tokens,

@@ -35,6 +35,7 @@ from tulu_jax.data.preference import SIDES
 from tulu_jax.data.preference_batching import PAIR_INDEX, REF_KEYS, PairLogps
 from tulu_jax.errors import CheckpointError
 from tulu_jax.losses import sequence_logps, token_logps
+from tulu_jax.train.integrity import array_checksums
 from tulu_jax.train.step import split_micro_batches
 
 PyTree = Any
@@ -152,42 +153,10 @@ class LiveReference:
 
 # --------------------------------------------------------------------------------------------------- fingerprint
 
-_M1, _C1, _M2, _C2 = 0x9E3779B1, 0x7F4A7C15, 0x85EBCA77, 0xC2B2AE3D
-
-
-def _array_checksum(x: jax.Array) -> jax.Array:
-    """Two 32-bit position-weighted sums of the array's bits (uint32 [2]); exact, so the same on any sharding.
-
-    Every multiplier is odd, so a change of any single element always changes both sums.
-    """
-    if not jnp.issubdtype(x.dtype, jnp.floating) and not jnp.issubdtype(x.dtype, jnp.integer):
-        x = x.astype(jnp.float32)
-    width = jnp.dtype(x.dtype).itemsize * 8
-    if width == 64:
-        x = x.astype(jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating) else jnp.int32)
-        width = 32
-    bits = jax.lax.bitcast_convert_type(x, {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}[width]).astype(jnp.uint32)
-    index = jnp.zeros(x.shape, jnp.uint32)
-    stride = 1
-    for dim in reversed(range(x.ndim)):
-        index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, dim) * jnp.uint32(stride % 2**32)
-        stride *= x.shape[dim]
-    m1 = (index * jnp.uint32(_M1) + jnp.uint32(_C1)) | jnp.uint32(1)
-    m2 = ((index ^ jnp.uint32(_C2)) * jnp.uint32(_M2)) | jnp.uint32(1)
-    h1 = jnp.sum(bits * m1, dtype=jnp.uint32)
-    h2 = jnp.sum((bits ^ (bits >> 7)) * m2, dtype=jnp.uint32)
-    return jnp.stack([h1, h2])
-
-
-@jax.jit
-def _checksums(leaves: list[jax.Array]) -> list[jax.Array]:
-    return [_array_checksum(x) for x in leaves]
-
-
 def params_fingerprint(params: PyTree) -> str:
     """A hex digest of every parameter's path, shape, dtype and contents (checksummed on device, sharded)."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    sums = jax.device_get(_checksums([leaf for _, leaf in flat]))
+    sums = jax.device_get(array_checksums([leaf for _, leaf in flat]))
     digest = hashlib.sha256()
     for (path, leaf), checksum in zip(flat, sums, strict=True):
         digest.update(f"{jax.tree_util.keystr(path)}|{leaf.shape}|{leaf.dtype}|".encode())

@@ -30,6 +30,7 @@ RESUMABLE_KEYS = frozenset({
     "train.max_steps", "train.epochs",
     "output.run_dir", "output.save_every", "output.keep_last", "output.log_every", "output.progress",
     "output.export_hf", "output.export_dtype", "output.tensorboard", "output.resume", "output.allow_config_change",
+    "output.strict_resume",
 })
 _ABSENT = "(absent)"
 

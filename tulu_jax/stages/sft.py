@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tulu_jax.errors import DataError
+from tulu_jax.errors import ConfigError, DataError
 from tulu_jax.losses import count_sequences, sft_loss
 from tulu_jax.losses.sft import Reduction
 from tulu_jax.stages.common import (
@@ -272,6 +272,9 @@ def run_sft(config: SFTConfig, sharding_path: str, *, devices: Sequence[Any] | N
     accum = resolve_grad_accum(config.train, mesh, spec)
     rows, report = prepare_sft_data(config.data, tokenizer, tokenizer.chat_template)
     print(report.summary(), file=sys.stderr)
+    if len(rows) == 0:  # name the files; the report above says what became of their rows
+        sources = ", ".join(source.path for source in config.data.sources)
+        raise ConfigError(f"no rows to train on in {sources} (every row was skipped or left nothing to train on)")
 
     pipeline = PipelineConfig(
         seq_len=config.data.max_seq_len,

@@ -6,6 +6,13 @@ host of a pod reads its own shard of the data; bytes are base64-encoded) and `me
 run config). orbax writes each step into a `*.orbax-checkpoint-tmp` folder and renames it when complete (on
 object stores it writes a commit marker instead), so an interrupted save is never listed nor restored.
 
+Integrity: `integrity/` records a checksum of every array (computed on device, see `train.integrity`) and each
+data file carries the sha256 of its content; `restore` recomputes and compares them, and any unreadable file
+(truncated array, missing `_METADATA` or `state/`, bad iterator JSON) or mismatch raises CorruptCheckpointError
+naming the checkpoint and what is wrong. `restore_intact` (what a resuming run calls) then warns in one line, sets
+the corrupt checkpoint aside as `<step>.corrupt` and falls back to the newest intact one. A state holding NaN or
+inf is never saved (TrainingError), so retention never deletes the newest finite checkpoint for a non-finite one.
+
 Restores take an abstract target (sharded `jax.ShapeDtypeStruct`s or live arrays): arrays are read straight into
 the target's shardings, which may belong to a different mesh than the one that saved them. Shapes and dtypes are
 checked against the checkpoint first, and a mismatch raises CheckpointError naming the parameter.
@@ -14,17 +21,23 @@ checked against the checkpoint first, and a mismatch raises CheckpointError nami
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
+import hashlib
 import json
 import os
-from typing import Any
+import sys
+from typing import Any, Iterator
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
-from tulu_jax.errors import CheckpointError
+from tulu_jax.errors import CheckpointError, CorruptCheckpointError, TrainingError
+from tulu_jax.finite import nonfinite_leaves
+from tulu_jax.train.integrity import mismatched, tree_checksums
 from tulu_jax.train.state import TrainState, path_name
 
 _STATE_FIELDS = ("params", "model_state", "opt_state", "step", "rng")
@@ -54,7 +67,16 @@ def _encode_data_state(data_state: dict | bytes | None) -> dict[str, Any]:
     raise TypeError(f"data-iterator state must be a dict, bytes or None, got {type(data_state).__name__}")
 
 
-def _decode_data_state(stored: dict[str, Any]) -> dict | bytes | None:
+def _content_digest(encoded: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(encoded, sort_keys=True).encode()).hexdigest()
+
+
+def _decode_data_state(stored: Any) -> dict | bytes | None:
+    if not isinstance(stored, dict):
+        raise CorruptCheckpointError(f"data-iterator state is a {type(stored).__name__}, not a JSON object")
+    digest = stored.pop("sha256", None)
+    if digest != _content_digest(stored):
+        raise CorruptCheckpointError("data-iterator state does not match its sha256 (edited or damaged)")
     fmt = stored.get("format")
     if fmt == "none":
         return None
@@ -74,7 +96,8 @@ class DataStateHandler(ocp.CheckpointHandler):
 
     def save(self, directory: Any, args: "DataStateSave") -> None:
         """Write this process's encoded iterator state."""
-        _process_file(directory).write_text(json.dumps(_encode_data_state(args.state)))
+        encoded = _encode_data_state(args.state)
+        _process_file(directory).write_text(json.dumps({**encoded, "sha256": _content_digest(encoded)}))
 
     def restore(self, directory: Any, args: "DataStateRestore | None" = None) -> dict | bytes | None:
         """Read this process's iterator state; the checkpoint must come from as many processes as run now."""
@@ -84,7 +107,22 @@ class DataStateHandler(ocp.CheckpointHandler):
                 f"{path} is missing: the checkpoint's data state was saved by a different number of processes "
                 f"than the {jax.process_count()} running now"
             )
-        return _decode_data_state(json.loads(path.read_text()))
+        try:
+            stored = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CorruptCheckpointError(f"data/{path.name} is not valid JSON ({e})") from None
+        return _decode_data_state(stored)
+
+
+def set_data_state(batches: Any, data_state: dict | bytes, where: str) -> None:
+    """`batches.set_state`, its failure (an iterator state that does not fit this data) as one CheckpointError."""
+    try:
+        batches.set_state(data_state)
+    except Exception as e:  # noqa: BLE001 — iterators (grain's among them) raise many types for a bad state
+        reason = " ".join(str(e).split())[:300]
+        raise CheckpointError(
+            f"checkpoint {where}: its data-iterator state does not fit this run's data ({type(e).__name__}: {reason})"
+        ) from None
 
 
 @ocp.args.register_with_handler(DataStateHandler, for_save=True)
@@ -138,6 +176,7 @@ class Checkpointer:
                 "state": ocp.StandardCheckpointHandler(),
                 "data": DataStateHandler(),
                 "metadata": ocp.JsonCheckpointHandler(),
+                "integrity": ocp.JsonCheckpointHandler(),
             },
         )
 
@@ -160,13 +199,28 @@ class Checkpointer:
         metadata: dict | None = None,
         force: bool = False,
     ) -> bool:
-        """Save `state` as checkpoint `step`; returns whether a save was started (interval policy unless `force`)."""
+        """Save `state` as checkpoint `step`; returns whether a save was started (interval policy unless `force`).
+
+        Raises TrainingError, saving nothing, when a parameter or optimizer array holds NaN or inf.
+        """
+        if not force and not self._manager.should_save(step):
+            return False
+        arrays = _state_dict(state)
+        bad = nonfinite_leaves({"params": arrays["params"], "opt_state": arrays["opt_state"]})
+        if bad:
+            latest = self.latest_step()
+            newest = f"the newest checkpoint is {self.directory}/{latest}" if latest is not None else "no checkpoint"
+            raise TrainingError(
+                f"step {step}: refusing to save a non-finite state ({len(bad)} arrays hold NaN/inf, e.g. {bad[0]}); "
+                + newest
+            )
         return self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_state_dict(state)),
+                state=ocp.args.StandardSave(arrays),
                 data=DataStateSave(data_state),
                 metadata=ocp.args.JsonSave(dict(metadata or {})),
+                integrity=ocp.args.JsonSave({"checksums": tree_checksums(arrays)}),
             ),
             force=force,
         )
@@ -201,7 +255,9 @@ class Checkpointer:
         """Restore checkpoint `step` (default: the latest) into the shapes, dtypes and shardings of `target`.
 
         `target` is a TrainState of sharded jax.Arrays or sharded jax.ShapeDtypeStructs (see
-        `state.with_shardings`); its shardings may come from a different mesh than the saved ones.
+        `state.with_shardings`); its shardings may come from a different mesh than the saved ones. Raises
+        CorruptCheckpointError when a file is unreadable or an array fails its checksum, CheckpointError when
+        the checkpoint does not fit `target`.
         """
         if step is None:
             step = self.latest_step()
@@ -210,15 +266,18 @@ class Checkpointer:
         elif step not in self.all_steps():
             raise CheckpointError(f"no finalized checkpoint for step {step} in {self.directory}")
         abstract = jax.tree.map(_abstract, _state_dict(target))
-        self._check_target(step, abstract)
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract),
-                data=DataStateRestore(),
-                metadata=ocp.args.JsonRestore(),
-            ),
-        )
+        with self._reading(step):
+            self._check_target(step, abstract)
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract),
+                    data=DataStateRestore(),
+                    metadata=ocp.args.JsonRestore(),
+                    integrity=ocp.args.JsonRestore(),
+                ),
+            )
+        self._verify(step, self._checksums_of(step, restored["integrity"]), restored["state"])
         state = TrainState(graphdef=target.graphdef, **restored["state"])
         return Restored(
             step=step,
@@ -226,6 +285,81 @@ class Checkpointer:
             data_state=restored["data"],
             metadata=dict(restored["metadata"] or {}),
         )
+
+    def recorded_checksums(self, step: int) -> dict[str, str]:
+        """The array checksums written with checkpoint `step` (CorruptCheckpointError when unreadable)."""
+        with self._reading(step):
+            record = self._manager.restore(step, args=ocp.args.Composite(integrity=ocp.args.JsonRestore()))
+        return self._checksums_of(step, record["integrity"])
+
+    def verify(self, step: int, arrays: dict[str, Any]) -> None:
+        """CorruptCheckpointError unless every array of `arrays` (a tree named like the saved state, e.g. a
+        partial `{"params": ...}` restore) matches the checksum recorded with checkpoint `step`."""
+        self._verify(step, self.recorded_checksums(step), arrays)
+
+    def _checksums_of(self, step: int, record: Any) -> dict[str, str]:
+        if not isinstance(record, dict) or not isinstance(record.get("checksums"), dict):
+            raise CorruptCheckpointError(f"checkpoint {self.directory}/{step}: the integrity record is malformed")
+        return record["checksums"]
+
+    def _verify(self, step: int, checksums: dict[str, str], arrays: dict[str, Any]) -> None:
+        bad = mismatched(checksums, arrays)
+        if bad:
+            raise CorruptCheckpointError(
+                f"checkpoint {self.directory}/{step}: {len(bad)} arrays do not match their recorded checksums "
+                f"(damaged files), e.g. {bad[0]}"
+            )
+
+    @contextlib.contextmanager
+    def _reading(self, step: int) -> Iterator[None]:
+        """Turn any failure to read checkpoint `step`'s files into one CorruptCheckpointError naming it."""
+        try:
+            yield
+        except CorruptCheckpointError as e:  # from the data handler, which does not know the step
+            raise CorruptCheckpointError(f"checkpoint {self.directory}/{step}: {e}") from None
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 — orbax and tensorstore raise many types for damaged files
+            reason = " ".join(str(e).split())[:300] or type(e).__name__
+            raise CorruptCheckpointError(
+                f"checkpoint {self.directory}/{step} is unreadable ({type(e).__name__}: {reason})"
+            ) from None
+
+    def restore_intact(self, *, target: TrainState, strict: bool = False) -> Restored:
+        """Restore the newest intact checkpoint: each corrupt newer one gets a one-line warning on stderr and is
+        set aside as `<step>.corrupt`. `strict`: the first corrupt checkpoint is an error instead. Raises
+        CorruptCheckpointError when none is intact (nothing is set aside then)."""
+        failures: list[tuple[int, CorruptCheckpointError]] = []
+        for step in reversed(self.all_steps()):
+            try:
+                restored = self.restore(step, target=target)
+            except CorruptCheckpointError as e:
+                if strict:
+                    raise CorruptCheckpointError(f"{e} (--strict-resume: not falling back)") from None
+                print(f"tulu-jax: warning: {e}; trying the previous checkpoint", file=sys.stderr)
+                failures.append((step, e))
+                continue
+            for bad_step, _ in failures:
+                self._set_aside(bad_step)
+            return restored
+        raise CorruptCheckpointError(
+            f"no intact checkpoint in {self.directory}: " + "; ".join(str(e) for _, e in failures)
+        )
+
+    def _set_aside(self, step: int) -> None:
+        """Rename a corrupt step directory out of orbax's view (kept for inspection; a new save may reuse `step`)."""
+        if jax.process_index() == 0:
+            source = self.directory / str(step)
+            target = self.directory / f"{step}.corrupt"
+            suffix = 1
+            while target.exists():
+                suffix += 1
+                target = self.directory / f"{step}.corrupt{suffix}"
+            source.rename(target)
+            print(f"tulu-jax: warning: set {source} aside as {target}", file=sys.stderr)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"tulu_jax.checkpoint.set_aside.{step}")
+        self._manager.reload()
 
     def wait(self) -> None:
         """Block until every started save is on disk."""

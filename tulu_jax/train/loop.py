@@ -7,6 +7,10 @@ step; with a deterministic iterator the resumed run reproduces the uninterrupted
 Metrics stay on device and are fetched every `log_every` steps (and before every checkpoint), so the host does
 not wait on each step; every step's exact metrics are still written, one JSONL line per step.
 
+Non-finite steps: the train step skips an update whose loss or gradient is not finite and reports
+`skipped_nonfinite` (see `train.guard`); the loop counts consecutive skipped steps as it fetches metrics and, after
+`max_nonfinite_steps` of them, raises TrainingError naming the step and the newest checkpoint (all finite).
+
 SIGTERM (a preemption notice): the current step finishes, a checkpoint is written and waited for, and the
 process exits with status 0 and a message on stderr.
 """
@@ -22,7 +26,8 @@ from typing import Any, Callable, Protocol
 import jax
 import numpy as np
 
-from tulu_jax.train.checkpoint import Checkpointer
+from tulu_jax.train.checkpoint import Checkpointer, set_data_state
+from tulu_jax.train.guard import NonfiniteCounter
 from tulu_jax.train.metrics import MetricsWriter, ProgressBar
 from tulu_jax.train.state import TrainState
 
@@ -87,6 +92,8 @@ def run_training(
     metadata: dict | None = None,
     prepare_batch: Callable[[PyTree], PyTree] | None = None,
     progress: bool = True,
+    max_nonfinite_steps: int = 3,
+    strict_resume: bool = False,
 ) -> TrainState:
     """Train until `state.step == num_steps`; returns the final state.
 
@@ -103,18 +110,21 @@ def run_training(
       metadata: JSON-able dict stored with each checkpoint (e.g. the run config).
       prepare_batch: applied to each batch before the step (e.g. host → global array assembly).
       progress: show a progress bar.
+      max_nonfinite_steps: stop (TrainingError) after this many consecutive steps skipped as non-finite.
+      strict_resume: a corrupt newest checkpoint is an error instead of falling back to an older one.
     """
     if checkpointer is not None and checkpointer.latest_step() is not None:
-        restored = checkpointer.restore(target=state)
+        restored = checkpointer.restore_intact(target=state, strict=strict_resume)
         state = restored.state
         if restored.data_state is not None:
-            batches.set_state(restored.data_state)
+            set_data_state(batches, restored.data_state, f"{checkpointer.directory}/{restored.step}")
         print(f"tulu-jax: resumed from checkpoint step {restored.step} in {checkpointer.directory}", file=sys.stderr)
     step = int(jax.device_get(state.step))
     last_saved = step if checkpointer is not None and checkpointer.latest_step() == step else None
     bar = ProgressBar(num_steps, initial=step, disable=None if progress else True)
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     tokens, clock = 0, time.perf_counter()
+    nonfinite = NonfiniteCounter(max_nonfinite_steps, checkpointer)
 
     def flush() -> None:
         nonlocal tokens, clock
@@ -124,6 +134,7 @@ def run_training(
         for (logged_step, _), metrics in zip(pending, host):
             if metrics_writer is not None:
                 metrics_writer.write(logged_step, metrics)
+            nonfinite.record(logged_step, metrics)
         now = time.perf_counter()
         bar.update(pending[-1][0], loss=float(host[-1]["loss"]), tokens_per_s=tokens / max(now - clock, 1e-9))
         pending.clear()

@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from tulu_jax.train.guard import SKIPPED_METRIC, guard_nonfinite
 from tulu_jax.train.optim import Optimizer
 from tulu_jax.train.state import TrainState, split_model
 
@@ -115,6 +116,7 @@ def build_train_step(
     """A jitted, state-donating `(state, batch) -> (state, metrics)`.
 
     metrics: `loss` (full-batch), `grad_norm` (global norm BEFORE clipping), `lr` (the schedule at this update),
+    `skipped_nonfinite` (1 when a non-finite loss, gradient or parameter skipped the update: see `train.guard`),
     plus the loss function's aux metrics. The returned object is a `jax.jit` function, so it also serves AOT:
     `step.lower(abstract_state, abstract_batch).compile()` with sharded jax.ShapeDtypeStructs.
     `compute_dtype` (optional): cast floating parameters to it for the forward (float32 masters, bf16 compute).
@@ -157,7 +159,9 @@ def build_train_step(
             opt_state=opt_state,
             step=state.step + 1,
         )
-        metrics = {**aux, "loss": loss, "grad_norm": grad_norm, "lr": optimizer.schedule(state.step)}
+        new_state, skipped = guard_nonfinite(state, new_state, loss, grad_norm)
+        metrics = {**aux, "loss": loss, "grad_norm": grad_norm, "lr": optimizer.schedule(state.step),
+                   SKIPPED_METRIC: skipped}
         return new_state, metrics
 
     metrics_sharding = _replicated_like(state_shardings)

@@ -63,8 +63,15 @@ def get_verifier(dataset: str) -> Verifier:
 
 
 def check_ground_truth(dataset: str, ground_truth: Any) -> None:
-    """Raise ValueError if ``ground_truth`` is not a valid reference for ``dataset`` (for early row validation)."""
-    get_verifier(dataset).check_ground_truth(ground_truth)
+    """Raise ValueError naming ``dataset`` if ``ground_truth`` is not a valid reference for it (for early row
+    validation); whatever the parser hits (deep nesting, wrong types) is reported that way, never passed through."""
+    verifier = get_verifier(dataset)
+    try:
+        verifier.check_ground_truth(ground_truth)
+    except ValueError as e:
+        raise ValueError(f"bad {verifier.name} ground truth: {e}") from None
+    except Exception as e:  # noqa: BLE001 — RecursionError, TypeError …: still a bad ground truth
+        raise ValueError(f"bad {verifier.name} ground truth ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def score_in_process(dataset: str, response: str, ground_truth: Any) -> float:
@@ -90,17 +97,19 @@ def verify(dataset: str, response: str, ground_truth: Any, *, timeout_s: float |
 
     Never raises for any response string: garbage scores 0.0, and so does a response whose check takes longer than
     ``timeout_s`` seconds (it runs in a killable worker process shared by later calls, and by calls from other
-    threads, one at a time: use ``score_batch`` for throughput). ``timeout_s=None`` scores in this process without a
-    limit. Raises ValueError for an unknown dataset or a malformed ground truth and
-    TypeError if ``response`` is not a string.
+    threads, one at a time: use ``score_batch`` for throughput). The call returns within ``timeout_s`` (plus
+    scheduling slack), except that the very first call also waits for the workers' one-time start-up.
+    ``timeout_s=None`` scores in this process without a limit. Raises ValueError naming the dataset for an unknown
+    dataset or a malformed ground truth and TypeError if ``response`` is not a string.
     """
     check_ground_truth(dataset, ground_truth)
     if not isinstance(response, str):
         raise TypeError(f"response must be a string, got {type(response).__name__}")
     if timeout_s is None:
         return score_in_process(dataset, response, ground_truth)
-    pool = timeout.shared_pool(1, warm_up_worker)
-    [reward] = pool.map(score_in_process, [(dataset, response, ground_truth)], timeout_s)
+    # A spare warm worker takes the next call while a killed one's replacement warms up.
+    pool = timeout.shared_pool(2, warm_up_worker)
+    [reward] = pool.map(score_in_process, [(dataset, response, ground_truth)], timeout_s, max_wait_s=timeout_s)
     return 0.0 if reward is None else reward
 
 

@@ -150,6 +150,7 @@ class WorkerPool:
         ]
         self._startup_timeout_s = startup_timeout_s
         self._workers: list[_Worker] = []
+        self._warmed = False  # whether a worker has ever been ready (the first start-up is never counted)
         self._lock = threading.Lock()
 
     def _start(self) -> _Worker:
@@ -166,33 +167,47 @@ class WorkerPool:
             if stream is not None:
                 stream.close()
 
-    def map(self, fn: Callable[..., Any], items: Sequence[tuple[Any, ...]], timeout_s: float) -> list[Any | None]:
+    def map(
+        self, fn: Callable[..., Any], items: Sequence[tuple[Any, ...]], timeout_s: float,
+        max_wait_s: float | None = None,
+    ) -> list[Any | None]:
         """``[fn(*item) for item in items]`` in the workers; an item past ``timeout_s`` seconds gives None.
 
         An item whose worker dies (crash, memory limit) also gives None. An exception raised by ``fn`` is re-raised
         here as RuntimeError with the worker's traceback. ``fn`` must be a module-level function.
+        ``max_wait_s``: bounds the whole call once the pool has warmed up (the pool's first start-up is not
+        counted): waiting for a replacement worker to warm up counts, and items not finished by then give None.
         """
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        if timeout_s <= 0 or (max_wait_s is not None and max_wait_s <= 0):
+            raise ValueError(f"timeout_s and max_wait_s must be positive, got {timeout_s}, {max_wait_s}")
         name = _qualified_name(fn)
         with self._lock:
             try:
-                return self._map(name, items, timeout_s)
+                return self._map(name, items, timeout_s, max_wait_s)
             except BaseException:
                 self._kill_all()  # workers may hold stale items: start afresh next time
                 raise
 
-    def _map(self, name: str, items: Sequence[tuple[Any, ...]], timeout_s: float) -> list[Any | None]:
+    def _map(
+        self, name: str, items: Sequence[tuple[Any, ...]], timeout_s: float, max_wait_s: float | None
+    ) -> list[Any | None]:
         results: list[Any | None] = [None] * len(items)
         todo = collections.deque(range(len(items)))
         while len(self._workers) < self.num_workers:
             self._workers.append(self._start())
         remaining = len(items)
+        call_end = float("inf")
         while remaining:
+            if max_wait_s is not None and call_end == float("inf") and self._warmed:
+                call_end = time.monotonic() + max_wait_s
+            if todo and time.monotonic() >= call_end:  # out of time before a worker was free: not scored
+                remaining -= len(todo)
+                todo.clear()
+                continue
             for i, worker in enumerate(self._workers):
                 if worker.ready and worker.task is None and todo:
                     worker.task = todo.popleft()
-                    worker.deadline = time.monotonic() + timeout_s
+                    worker.deadline = min(time.monotonic() + timeout_s, call_end)
                     try:
                         _send(worker.process.stdin, (worker.task, name, items[worker.task], 2 * timeout_s + 1))
                     except OSError:  # it died while idle: the item never ran, give it to another worker
@@ -202,7 +217,8 @@ class WorkerPool:
             waiting = [w for w in self._workers if w.task is not None or not w.ready]
             if not waiting:
                 continue
-            timeout = max(0.0, min(self._deadline(w) for w in waiting) - time.monotonic())
+            deadlines = [self._deadline(w) for w in waiting] + ([call_end] if todo else [])
+            timeout = max(0.0, min(deadlines) - time.monotonic())
             readable = set(wait([w.process.stdout for w in waiting], timeout=timeout))
             for i, worker in enumerate(self._workers):
                 if worker.process.stdout in readable:
@@ -222,7 +238,7 @@ class WorkerPool:
         except (EOFError, OSError):
             return self._replace(i, "exited")
         if message == _READY:
-            worker.ready = True
+            worker.ready = self._warmed = True
             return 0
         index, ok, value = message
         if not ok:
