@@ -1,7 +1,7 @@
-"""The in-step guard against non-finite values: an update with a NaN/inf loss, gradient or parameter is skipped.
+"""The in-step guard against non-finite values: an update with a NaN/inf loss or gradient norm is skipped.
 
 Inside the jitted train step, `guard_nonfinite` keeps the previous parameters, model variables and optimizer
-state when the loss, the gradient norm or any updated parameter is not finite (the step counter still advances:
+state when the loss or the gradient norm is not finite (the step counter still advances:
 the batch was consumed), and reports `skipped_nonfinite` (1 or 0) in the step's metrics. No host sync: the loop
 reads the flag with the other metrics, and its `NonfiniteCounter` stops the run after `max_nonfinite_steps`
 consecutive skipped steps.
@@ -27,19 +27,17 @@ PyTree = Any
 SKIPPED_METRIC = "skipped_nonfinite"
 
 
-def _all_finite(tree: PyTree) -> jax.Array:
-    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
-
-
 def guard_nonfinite(
     old: TrainState, new: TrainState, loss: jax.Array, grad_norm: jax.Array
 ) -> tuple[TrainState, jax.Array]:
-    """(`new`, 0), or `old` with `new`'s step counter and 1 when the update is not finite (traced, in-jit).
+    """(`new`, 0), or `old` with `new`'s step counter and 1 when the loss or the gradient norm is not finite
+    (traced, in-jit).
 
-    The parameters are checked too: a finite gradient with a huge learning rate can still overflow them.
+    Only values known before the update decide, so XLA can fuse the choice into the update and alias the donated
+    buffers (no second copy of the parameters and moments). Parameters that a finite update overflows make the
+    next step's loss non-finite, and are never saved (`Checkpointer.save` refuses them).
     """
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(new.params)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     kept = jax.tree.map(
         lambda n, o: jnp.where(finite, n, o),
         (new.params, new.model_state, new.opt_state),

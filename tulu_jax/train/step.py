@@ -116,7 +116,7 @@ def build_train_step(
     """A jitted, state-donating `(state, batch) -> (state, metrics)`.
 
     metrics: `loss` (full-batch), `grad_norm` (global norm BEFORE clipping), `lr` (the schedule at this update),
-    `skipped_nonfinite` (1 when a non-finite loss, gradient or parameter skipped the update: see `train.guard`),
+    `skipped_nonfinite` (1 when a non-finite loss or gradient skipped the update: see `train.guard`),
     plus the loss function's aux metrics. The returned object is a `jax.jit` function, so it also serves AOT:
     `step.lower(abstract_state, abstract_batch).compile()` with sharded jax.ShapeDtypeStructs.
     `compute_dtype` (optional): cast floating parameters to it for the forward (float32 masters, bf16 compute).
