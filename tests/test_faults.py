@@ -460,6 +460,7 @@ def test_no_rows_to_train_on_names_the_file(tmp_path, capsys):
     data.write_text('{"messages": "not a list"}\n' * 3)
     argv = ["sft", "--config", "configs/tiny_sft.yaml", "--sharding", "sharding/cpu-8.yaml",
             "--set", f"data.sources=[{{path: {data}}}]", "--set", "data.on_error=skip",
+            "--set", "data.max_bad_fraction=1",
             "--set", f"output.run_dir={tmp_path / 'run'}"]
     assert cli.main(argv) == 1
     assert f"tulu-jax sft: error: no rows to train on in {data}" in capsys.readouterr().err

@@ -117,7 +117,7 @@ def apply_chat_template(
             add_generation_prompt=add_generation_prompt,
         )
     except (SecurityError, TemplateSyntaxError) as e:  # the template itself is unusable, whatever the row
-        name = template if template in NAMED_TEMPLATES else "given as a jinja string"
+        name = "given as a jinja string" if is_inline_jinja(template) else template
         what = "is blocked by the Jinja sandbox" if isinstance(e, SecurityError) else "is not valid Jinja"
         raise ConfigError(f"chat template {name} {what}: {e}") from None
     if not isinstance(rendered, str):  # a batch of conversations or a tokenized result: not what we asked for

@@ -157,7 +157,7 @@ def load_module(hf_dir: str, config: ModelConfig, factory: Any, sources: dict[tu
     return model
 
 
-def refuse_nonfinite(model: Decoder, what: str) -> None:
+def refuse_nonfinite(model: nnx.Module, what: str) -> None:
     """CheckpointError naming the parameters of `model` that hold NaN or inf (a diverged or damaged model)."""
     bad = nonfinite_leaves(nnx.state(model, nnx.Param))
     if bad:

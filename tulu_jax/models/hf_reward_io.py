@@ -29,6 +29,7 @@ from tulu_jax.models.hf_io import (
     _to_host,
     dtype_fields,
     load_module,
+    refuse_nonfinite,
     save_hf_checkpoint,
 )
 from tulu_jax.models.reward import RewardModel, backbone_config
@@ -60,6 +61,7 @@ def save_hf_reward_model(model: RewardModel, out_dir: str | os.PathLike[str], *,
     refuses batches of more than one row). Every process must call this; process 0 writes.
     """
     out_dir = os.fspath(out_dir)
+    refuse_nonfinite(model, f"export to {out_dir}")  # the score head too, before anything is written
     config = model.config
     save_hf_checkpoint(model.decoder, out_dir, max_shard_bytes=max_shard_bytes, dtype=dtype)
     out_dtype = np.dtype(jnp.dtype(dtype if dtype is not None else config.param_dtype))
