@@ -136,3 +136,25 @@ def test_incomplete_settings_are_errors(clean_env):
         initialize_distributed()
     with pytest.raises(ConfigError, match=r"process_id 2 must be in \[0, num_processes=2\)"):
         initialize_distributed("127.0.0.1:1234", num_processes=2, process_id=2)
+
+
+def test_tpu_chips_are_counted_from_pci_sysfs(tmp_path):
+    """A Cloud TPU VM is recognized by its Google processing-accelerator PCI devices (not its Google NIC)."""
+    from tulu_jax.sharding import _local_tpu_chips
+
+    devices = {"0000:00:04.0": ("0x1ae0", "0x120000"), "0000:00:05.0": ("0x1ae0", "0x120000"),
+               "0000:00:06.0": ("0x1ae0", "0x020000"), "0000:00:07.0": ("0x10de", "0x030200")}
+    for name, (vendor, device_class) in devices.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "vendor").write_text(vendor + "\n")
+        (tmp_path / name / "class").write_text(device_class + "\n")
+    (tmp_path / "0000:00:08.0").mkdir()  # unreadable entries are skipped
+    assert _local_tpu_chips(str(tmp_path)) == 2
+    assert _local_tpu_chips(str(tmp_path / "absent")) == 0
+
+
+def test_no_private_jax_imports():
+    """Start-up and everything else use JAX's public API only (jax._src moves between releases)."""
+    offenders = [str(path.relative_to(REPO)) for path in (REPO / "tulu_jax").rglob("*.py")
+                 if "jax._src" in path.read_text(encoding="utf-8")]
+    assert offenders == []

@@ -4,7 +4,8 @@
     tulu-jax dpo --config CONFIG --sharding SHARDING [--set key=value ...] [--resume [--allow-config-change]]
     tulu-jax eval --model HF_DIR --data FILE.jsonl [--sharding SHARDING] [...]
     tulu-jax pipeline --config configs/tiny_arith.yaml [--resume [--allow-config-change]] [--set key=value ...]
-    tulu-jax compile-check --config CONFIG --sharding SHARDING [--set key=value ...]
+    tulu-jax compile-check --config CONFIG --sharding SHARDING [--set key=value ...] [--show-shardings]
+    tulu-jax compile-check --table                          (the memory table of docs/memory.md)
     tulu-jax decontaminate --train DATA... --eval DATA... [--ngram 8] [--threshold 0.5] [--out DIR]
     tulu-jax convert to-orbax --hf HF_DIR --out DIR        (HF weights → orbax params checkpoint)
     tulu-jax convert to-hf --run-dir RUN_DIR --out DIR     (a run's checkpoint → HF directory)
@@ -28,10 +29,10 @@ from tulu_jax import platform
 from tulu_jax.errors import TuluJaxError
 
 
-def config_arguments(parser: argparse.ArgumentParser) -> None:
+def config_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
     """A stage config, the sharding file, and overrides."""
-    parser.add_argument("--config", required=True, help="recipe config YAML (configs/*.yaml)")
-    parser.add_argument("--sharding", required=True, help="sharding file YAML (sharding/*.yaml)")
+    parser.add_argument("--config", required=required, help="recipe config YAML (configs/*.yaml)")
+    parser.add_argument("--sharding", required=required, help="sharding file YAML (sharding/*.yaml)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config value, e.g. --set optim.lr=1e-5 (repeat --set for each key)",
@@ -52,10 +53,13 @@ def stage_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def compile_check_arguments(parser: argparse.ArgumentParser) -> None:
-    """A stage's config arguments plus which stage's train step to compile."""
-    config_arguments(parser)
+    """A stage's config arguments (optional with --table) plus which stage's train step to compile."""
+    config_arguments(parser, required=False)
     parser.add_argument("--stage", default=None,
                         help="whose train step the config describes (default: the stage whose config it is)")
+    parser.add_argument("--show-shardings", action="store_true", help="also list the activation shardings")
+    parser.add_argument("--table", action="store_true",
+                        help="compile every recipe config on every pod sharding file; print a markdown memory table")
 
 
 def convert_arguments(parser: argparse.ArgumentParser) -> None:

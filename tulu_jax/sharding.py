@@ -15,6 +15,7 @@ import functools
 import importlib.util
 import math
 import os
+import pathlib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -253,11 +254,21 @@ def _env_int(name: str) -> int | None:
         raise ConfigError(f"environment variable {name} must be an integer, got {text!r}") from None
 
 
-def _local_tpu_chips() -> int:
-    # The same PCI probe JAX runs at import to decide whether this is a Cloud TPU VM.
-    from jax._src import hardware_utils
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+_PCI_ACCELERATOR_CLASS = "0x12"  # PCI base class "processing accelerator" (a Google NIC is class 0x02)
 
-    return hardware_utils.num_available_tpu_chips_and_device_id()[0]
+
+def _local_tpu_chips(pci_root: str = "/sys/bus/pci/devices") -> int:
+    """TPU chips attached to this host: Google PCI devices of the processing-accelerator class (Linux sysfs)."""
+    chips = 0
+    for device in pathlib.Path(pci_root).glob("*"):
+        try:
+            vendor = (device / "vendor").read_text().strip()
+            device_class = (device / "class").read_text().strip()
+        except OSError:
+            continue
+        chips += vendor == _GOOGLE_PCI_VENDOR and device_class.startswith(_PCI_ACCELERATOR_CLASS)
+    return chips
 
 
 def initialize_distributed(

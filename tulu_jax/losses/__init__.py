@@ -18,7 +18,7 @@ from tulu_jax.losses.ppo import (
     whiten,
 )
 from tulu_jax.losses.reward import last_token_index, last_token_values, reward_model_loss
-from tulu_jax.losses.sft import REDUCTIONS, sft_loss
+from tulu_jax.losses.sft import REDUCTIONS, sft_loss, sft_loss_from_logps
 
 __all__ = [
     "GRPO_SCALES",
@@ -44,6 +44,7 @@ __all__ = [
     "safe_denominator",
     "sequence_logps",
     "sft_loss",
+    "sft_loss_from_logps",
     "soft_cross_entropy",
     "sparse_soft_cross_entropy",
     "token_entropy",

@@ -13,7 +13,7 @@ The three reductions, for a global batch split into micro-batches for gradient a
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -26,9 +26,16 @@ REDUCTIONS = ("sum", "mean", "mean_per_micro_batch")
 Reduction = Literal["sum", "mean", "mean_per_micro_batch"]
 
 
-def sft_loss(
-    logits: Array,
-    targets: Array,
+def sft_loss(logits: Array, targets: Array, loss_mask: Array, **kwargs: Any) -> tuple[Array, dict[str, Array]]:
+    """`sft_loss_from_logps` of the targets' log-probs under `logits` [B, T, V] (any float dtype; float32 inside).
+
+    (A model's `token_logps` gives the same log-probs without ever holding [B, T, V] float32 logits.)
+    """
+    return sft_loss_from_logps(token_logps(logits, targets), loss_mask, **kwargs)
+
+
+def sft_loss_from_logps(
+    logps: Array,
     loss_mask: Array,
     *,
     reduction: Reduction = "sum",
@@ -40,8 +47,7 @@ def sft_loss(
     """Token negative log-likelihood of the supervised targets, divided by an explicit denominator.
 
     Args:
-      logits: [B, T, V] model outputs (any float dtype; float32 inside).
-      targets: [B, T] next-token ids (batch contract).
+      logps: [B, T] log-probs of the next-token targets (batch contract), float32.
       loss_mask: [B, T] bool, True where the target is supervised.
       reduction: "sum" (recipe default) = Σ NLL / num_sequences; "mean" = Σ NLL / num_tokens;
         "mean_per_micro_batch" = Σ NLL / (this call's supervised tokens × num_micro_batches), so that the
@@ -62,7 +68,7 @@ def sft_loss(
     if reduction not in REDUCTIONS:
         raise ConfigError(f"sft_loss: reduction {reduction!r} is not one of {REDUCTIONS}")
     mask = loss_mask.astype(bool)
-    nll_sum = -masked_sum(token_logps(logits, targets), mask)
+    nll_sum = -masked_sum(logps.astype(jnp.float32), mask)
     supervised_tokens = jnp.sum(mask, dtype=jnp.int32)
     if reduction == "sum":
         if num_sequences is None:

@@ -84,6 +84,8 @@ class ModelConfig:
     output logits), `layer_types` (per layer "full_attention" or "sliding_attention"; None = all full) with
     `sliding_window` (a sliding layer's query sees the keys less than `sliding_window` slots back), and
     `local_rope_theta` (Gemma 3: sliding layers' unscaled RoPE base; None = the global RoPE everywhere).
+    `logits_chunk_size`: sequence positions per chunk when a loss asks for token log-probs (`Decoder.token_logps`
+    never holds more than [B, chunk, V] float32 logits); like dtypes and remat it is not part of the HF config.
     """
 
     vocab_size: int
@@ -104,6 +106,7 @@ class ModelConfig:
     param_dtype: DType = "float32"
     compute_dtype: DType = "float32"
     remat: Remat = "none"
+    logits_chunk_size: int = 512
     architecture: str = "LlamaForCausalLM"
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
@@ -124,7 +127,7 @@ class ModelConfig:
             return CheckpointError(f"ModelConfig field {field!r}: {reason}")
 
         for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                      "head_dim"):
+                      "head_dim", "logits_chunk_size"):
             value = getattr(self, field)
             if not isinstance(value, int) or value <= 0:
                 raise bad(field, f"must be a positive int, got {value!r}")

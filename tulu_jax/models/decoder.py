@@ -15,12 +15,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tulu_jax.models.activation_sharding import constrain
 from tulu_jax.models.attention import attend, cache_mask, segment_causal_mask
 from tulu_jax.models.config import ModelConfig
+from tulu_jax.models.lm_head import chunked_token_logps
 from tulu_jax.models.layer_pattern import LayerInputs, sliding_flags
 from tulu_jax.models.rope import apply_rope
 
 _INIT_STD = 0.02  # transformers' initializer_range default for all three families
+# Logical names of the activations (sharding files map them to mesh axes; see models/activation_sharding.py).
+HIDDEN = ("batch", "length", "act_embed")
+Q_HEADS = ("batch", "length", "act_heads", None)
+KV_HEADS = ("batch", "length", "act_kv_heads", None)
+MLP = ("batch", "length", "act_mlp")
+LOGITS = ("batch", "length", "act_vocab")
+CACHE = (None, "batch", "length", "act_kv_heads", None)
 
 
 @flax.struct.dataclass
@@ -111,9 +120,9 @@ def _block(config: ModelConfig, p: dict[str, jax.Array], h: jax.Array, cos: jax.
     w = {name: value.astype(dt) for name, value in p.items()}
 
     def attention(x: jax.Array) -> tuple[jax.Array, Any]:
-        q = jnp.einsum("bth,hnd->btnd", x, w["q_proj"])
-        k = jnp.einsum("bth,hnd->btnd", x, w["k_proj"])
-        v = jnp.einsum("bth,hnd->btnd", x, w["v_proj"])
+        q = constrain(jnp.einsum("bth,hnd->btnd", x, w["q_proj"]), Q_HEADS)
+        k = constrain(jnp.einsum("bth,hnd->btnd", x, w["k_proj"]), KV_HEADS)
+        v = constrain(jnp.einsum("bth,hnd->btnd", x, w["v_proj"]), KV_HEADS)
         if config.attention_bias:
             q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
         if config.qk_norm:  # before RoPE; OLMo 2: over the whole projection (all heads), Gemma 3: over each head
@@ -122,16 +131,16 @@ def _block(config: ModelConfig, p: dict[str, jax.Array], h: jax.Array, cos: jax.
         q = apply_rope(q, cos, sin) * jnp.asarray(config.query_scale, dt)
         k = apply_rope(k, cos, sin)
         attn, aux = attend_fn(q, k, v)
-        return jnp.einsum("btnd,ndh->bth", attn, w["o_proj"]), aux
+        return constrain(jnp.einsum("btnd,ndh->bth", constrain(attn, Q_HEADS), w["o_proj"]), HIDDEN), aux
 
     def mlp(x: jax.Array) -> tuple[jax.Array, None]:
         gate = x @ w["gate_proj"]
         gate = jax.nn.silu(gate) if config.hidden_act == "silu" else jax.nn.gelu(gate, approximate=True)  # GeGLU
-        return (gate * (x @ w["up_proj"])) @ w["down_proj"], None
+        return constrain(constrain(gate * (x @ w["up_proj"]), MLP) @ w["down_proj"], HIDDEN), None
 
-    h, aux = _residual(config, w, h, "attn_norm", "post_attn_norm", attention)
-    h, _ = _residual(config, w, h, "mlp_norm", "post_mlp_norm", mlp)
-    return h, aux
+    h, aux = _residual(config, w, constrain(h, HIDDEN), "attn_norm", "post_attn_norm", attention)
+    h, _ = _residual(config, w, constrain(h, HIDDEN), "mlp_norm", "post_mlp_norm", mlp)
+    return constrain(h, HIDDEN), aux
 
 
 def _residual(config: ModelConfig, w: dict[str, jax.Array], h: jax.Array, norm: str, post_norm: str,
@@ -176,6 +185,19 @@ class Decoder(nnx.Module):
         """
         return self.lm_head(self.hidden(input_ids, attention_mask, positions=positions, segment_ids=segment_ids))
 
+    def token_logps(self, input_ids: jax.Array, targets: jax.Array, attention_mask: jax.Array | None = None, *,
+                    positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                    entropy: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """float32 [B, T] log-probs of `targets` [B, T] (and the entropies with `entropy`), the same numbers as
+        log_softmax(self(...))[targets], computed `config.logits_chunk_size` positions at a time so that no
+        full-sequence float32 logits exist in the forward or the backward pass (see models/lm_head.py)."""
+        cfg = self.config
+        hidden = self.hidden(input_ids, attention_mask, positions=positions, segment_ids=segment_ids)
+        weight = self.embed[...] if cfg.tie_word_embeddings else self.unembed[...]
+        return chunked_token_logps(hidden, weight, targets, chunk_size=cfg.logits_chunk_size,
+                                   vocab_first=cfg.tie_word_embeddings, compute_dtype=cfg.compute_dtype,
+                                   softcap=cfg.final_logit_softcap, entropy=entropy)
+
     def hidden(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
         """Final-normed hidden states [B, T, H] in the compute dtype (same arguments as `__call__`)."""
@@ -191,7 +213,7 @@ class Decoder(nnx.Module):
             return h, None
 
         h, _ = jax.lax.scan(_remat(cfg, body), self._embed(input_ids), (self.layers.stacked(), sliding_flags(cfg)))
-        return _norm(cfg, h, self.final_norm[...].astype(cfg.compute_dtype))
+        return _norm(cfg, constrain(h, HIDDEN), self.final_norm[...].astype(cfg.compute_dtype))
 
     def lm_head(self, hidden: jax.Array) -> jax.Array:
         """float32 logits [..., V] from final hidden states [..., H] (soft-capped when the config says so)."""
@@ -203,7 +225,8 @@ class Decoder(nnx.Module):
             logits = jnp.einsum("...h,hv->...v", hidden.astype(dt), self.unembed[...].astype(dt),
                                 preferred_element_type=jnp.float32)
         cap = self.config.final_logit_softcap
-        return logits if cap is None else cap * jnp.tanh(logits / cap)
+        logits = logits if cap is None else cap * jnp.tanh(logits / cap)
+        return constrain(logits, LOGITS) if logits.ndim == 3 else logits
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty cache of `max_len` slots for `batch` rows, in the compute dtype."""
@@ -212,12 +235,13 @@ class Decoder(nnx.Module):
         zeros = jnp.zeros(shape, cfg.compute_dtype)
         return KVCache(k=zeros, v=zeros, index=jnp.zeros((), jnp.int32))
 
-    def forward_cached(self, input_ids: jax.Array, positions: jax.Array, cache: KVCache,
-                       key_mask: jax.Array) -> tuple[jax.Array, KVCache]:
+    def forward_cached(self, input_ids: jax.Array, positions: jax.Array, cache: KVCache, key_mask: jax.Array, *,
+                       last_only: bool = False) -> tuple[jax.Array, KVCache]:
         """Run T new tokens [B, T] against the cache; returns float32 logits [B, T, V] and the advanced cache.
 
         Writes the new keys/values at slots [index, index+T); the query at slot index+t attends to slot j iff
         key_mask[b, j] (bool [B, S]) and j <= index+t. `index` advances by T. Shapes are static, `index` dynamic.
+        last_only: only the last position's logits, [B, 1, V] (all a prefill needs).
         """
         cfg = self.config
         t = input_ids.shape[1]
@@ -229,6 +253,7 @@ class Decoder(nnx.Module):
             h, k_all, v_all = carry
             p, layer, sliding = xs
             layer_inputs = inputs.at(sliding)
+            h, k_all, v_all = constrain(h, HIDDEN), constrain(k_all, CACHE), constrain(v_all, CACHE)
 
             def attend_cached(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, Any]:
                 # Write this layer's new keys/values in place into the full cache (the carry, so XLA updates it
@@ -246,14 +271,20 @@ class Decoder(nnx.Module):
         layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         (h, k_all, v_all), _ = jax.lax.scan(body, (self._embed(input_ids), cache.k, cache.v),
                                             (self.layers.stacked(), layers, sliding_flags(cfg)))
-        h = _norm(cfg, h, self.final_norm[...].astype(cfg.compute_dtype))
-        return self.lm_head(h), KVCache(k=k_all, v=v_all, index=index + t)
+        h = _norm(cfg, h[:, -1:] if last_only else h, self.final_norm[...].astype(cfg.compute_dtype))
+        cache = KVCache(k=constrain(k_all, CACHE), v=constrain(v_all, CACHE), index=index + t)
+        return self.lm_head(h), cache
 
     def _embed(self, input_ids: jax.Array) -> jax.Array:
         dt = self.config.compute_dtype
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)
+        # Gather the table's hidden axis first (the all-gather FSDP does for every weight): a lookup into a
+        # table still split along it would give hidden-split rows that XLA can only move to batch-split rows by
+        # replicating them ("involuntary full rematerialization"). A vocabulary split stays: masked local lookups.
+        table = constrain(self.embed[...], ("vocab", None))
+        x = jnp.take(table, constrain(input_ids, ("batch", "length")), axis=0).astype(dt)
         # Gemma: × √hidden_size, the factor rounded to the compute dtype as transformers does.
-        return x * jnp.asarray(self.config.hidden_size**0.5, dt) if self.config.scale_embeddings else x
+        x = x * jnp.asarray(self.config.hidden_size**0.5, dt) if self.config.scale_embeddings else x
+        return constrain(x, HIDDEN)
 
 
 def _positions_and_segments(input_ids: jax.Array, attention_mask: jax.Array | None, positions: jax.Array | None,

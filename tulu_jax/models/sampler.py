@@ -203,7 +203,7 @@ def _compiled_generate(graphdef: nnx.GraphDef, settings: SamplingSettings, new_b
         positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
 
         cache = model.init_cache(batch, width + new_bucket)
-        logits, cache = model.forward_cached(ids, positions, cache, key_mask)
+        logits, cache = model.forward_cached(ids, positions, cache, key_mask, last_only=True)
         token, logprob = sample_tokens(jax.random.fold_in(key, 0), logits[:, -1], settings)
         out = (
             jnp.full((batch, new_bucket), pad_id, jnp.int32),

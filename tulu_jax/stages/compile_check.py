@@ -3,19 +3,40 @@ host (libtpu describes the topology; no TPU needed), and report per-device memor
 
 The step is the one the stage trains with (same builder), lowered with abstract inputs: the sharded TrainState
 and a [global batch, data.max_seq_len] batch on the topology's mesh. Running out of HBM is a compile-time error
-on TPU, reported as "does NOT fit" with exit status 1, never as a stack trace.
+on TPU, reported as "does NOT fit" with exit status 1, never as a stack trace; so is a sharded state whose
+arguments alone exceed the chip's HBM (found without compiling). `--show-shardings` lists the activation
+shardings the step was traced with; `--table` compiles the recipe configs on every pod file (memory_table.py).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import importlib
+import math
 import sys
 import time
 from typing import Any
 
+import jax
+import numpy as np
+
 from tulu_jax.errors import ConfigError
-from tulu_jax.sharding import HbmExhaustedError, compile_for_topology, load_sharding, memory_report, tpu_topology_mesh
+from tulu_jax.models.activation_sharding import (
+    ConstraintRecord,
+    activation_sharding,
+    record_constraints,
+    with_activation_sharding,
+)
+from tulu_jax.sharding import (
+    HBM_BYTES,
+    HbmExhaustedError,
+    compile_for_topology,
+    load_sharding,
+    make_mesh,
+    memory_report,
+    tpu_topology_mesh,
+)
 from tulu_jax.stages.common import load_stage_config, resolve_path
 
 # stage → (module, config class, function(config, mesh, spec) -> (jitted step, abstract args, summary line)).
@@ -40,6 +61,8 @@ class CompileCheckResult:
     summary: str
     compile_seconds: float
     reason: str | None = None
+    flops: float | None = None  # XLA's cost analysis of the compiled per-device program
+    constraints: list[ConstraintRecord] = dataclasses.field(default_factory=list)
 
 
 def infer_stage(config_path: str, overrides: tuple[str, ...] = ()) -> str:
@@ -60,12 +83,21 @@ def infer_stage(config_path: str, overrides: tuple[str, ...] = ()) -> str:
     raise ConfigError(f"compile-check: {config_path} is no stage's config ({'; '.join(errors)})")
 
 
-def compile_check(
-    stage: str | None, config_path: str, sharding_path: str, overrides: tuple[str, ...] = ()
-) -> CompileCheckResult:
-    """Build `stage`'s train step (None: the stage the config belongs to) from the config and compile it for the
-    sharding file's TPU topology."""
-    stage = infer_stage(config_path, overrides) if stage is None else stage
+def per_device_bytes(tree: Any) -> int:
+    """Σ over the leaves of abstract sharded arrays of one device's shard size."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(tree))
+
+
+def _compiled_flops(compiled: Any) -> float | None:
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) and analysis else analysis
+    return float(analysis["flops"]) if isinstance(analysis, dict) and "flops" in analysis else None
+
+
+def _build_step(stage: str, config_path: str, sharding_path: str, overrides: tuple[str, ...],
+                mesh_of: Any = tpu_topology_mesh) -> tuple[Any, tuple[Any, ...], str, Any, Any]:
+    """(jitted step, abstract args, summary, mesh, spec) of `stage` for the config on `mesh_of(spec)`."""
     if stage not in STAGES:
         raise ConfigError(f"compile-check: unknown stage {stage!r}; known: {', '.join(STAGES)}")
     module_name, config_name, builder_name = STAGES[stage]
@@ -75,21 +107,67 @@ def compile_check(
     if not resolved.is_file():
         raise ConfigError(f"{sharding_path}: sharding file not found")
     spec = load_sharding(resolved)
-    mesh = tpu_topology_mesh(spec)
+    mesh = mesh_of(spec)
     step, args, summary = getattr(module, builder_name)(config, mesh, spec)
+    return step, args, summary, mesh, spec
+
+
+def trace_constraints(stage: str, config_path: str, sharding_path: str,
+                      overrides: tuple[str, ...] = ()) -> list[ConstraintRecord]:
+    """The activation constraints of `stage`'s train step on the sharding file's mesh, from tracing alone (cheap:
+    no compilation). The mesh is the TPU topology's if the file names one, else the first devices of this host."""
+
+    def mesh_of(spec: Any) -> Any:
+        if spec.topology is not None:
+            return tpu_topology_mesh(spec)
+        sizes = [size for size in spec.mesh.values() if size != -1]
+        devices = jax.devices() if -1 in spec.mesh.values() else jax.devices()[:math.prod(sizes)]
+        return make_mesh(spec, devices)
+
+    step, args, _, mesh, spec = _build_step(stage, config_path, sharding_path, overrides, mesh_of)
+    with activation_sharding(mesh, spec), record_constraints() as constraints:
+        step.trace(*args)
+    return constraints
+
+
+def compile_check(
+    stage: str | None, config_path: str, sharding_path: str, overrides: tuple[str, ...] = ()
+) -> CompileCheckResult:
+    """Build `stage`'s train step (None: the stage the config belongs to) from the config and compile it for the
+    sharding file's TPU topology."""
+    stage = infer_stage(config_path, overrides) if stage is None else stage
+    step, args, summary, mesh, spec = _build_step(stage, config_path, sharding_path, overrides)
+    step = with_activation_sharding(step, mesh, spec)
+    hbm = HBM_BYTES.get(mesh.devices.flat[0].device_kind)
+    arguments = per_device_bytes(args)
+    if hbm is not None and arguments > hbm:
+        reason = (f"the sharded state and batch alone need {arguments / _GIB:.1f} GiB per chip of "
+                  f"{hbm / _GIB:.0f} GiB (not compiled)")
+        return CompileCheckResult(False, None, summary, 0.0, reason)
     start = time.perf_counter()
-    try:
-        compiled = compile_for_topology(step, args, spec)
-    except HbmExhaustedError as e:
-        return CompileCheckResult(False, None, summary, time.perf_counter() - start, str(e))
+    with record_constraints() as constraints:
+        try:
+            compiled = compile_for_topology(step, args, spec)
+        except HbmExhaustedError as e:
+            return CompileCheckResult(False, None, summary, time.perf_counter() - start, str(e),
+                                      constraints=constraints)
     seconds = time.perf_counter() - start
     report = memory_report(compiled)
-    return CompileCheckResult(bool(report["fits"]), report, summary, seconds)
+    return CompileCheckResult(bool(report["fits"]), report, summary, seconds, flops=_compiled_flops(compiled),
+                              constraints=constraints)
+
+
+def format_constraints(constraints: list[ConstraintRecord]) -> str:
+    """One line per distinct constrained activation (with how many times the step constrains it), sorted."""
+    counts = collections.Counter(record.line() for record in constraints)
+    return "\n".join(f"  {line}  x{count}" for line, count in sorted(counts.items()))
 
 
 def format_result(result: CompileCheckResult, topology: str | None) -> str:
     """The human-readable report: per-device memory by kind, the total against HBM, and the verdict."""
     lines = [result.summary, f"compiled for {topology} in {result.compile_seconds:.1f} s"]
+    if result.flops is not None:
+        lines.append(f"XLA cost analysis: {result.flops / 1e12:.1f} TFLOP per device per step")
     if result.report is None:
         lines.append(f"does NOT fit: {result.reason}")
         return "\n".join(lines)
@@ -110,7 +188,15 @@ def format_result(result: CompileCheckResult, topology: str | None) -> str:
 
 def main(args: Any) -> int:
     """`tulu-jax compile-check`: print the report; exit 0 when it fits, 1 when it does not."""
+    if args.table:
+        from tulu_jax.stages.memory_table import main as table_main
+
+        return table_main(args)
+    if args.config is None or args.sharding is None:
+        raise ConfigError("compile-check needs --config and --sharding (or --table)")
     result = compile_check(args.stage, args.config, args.sharding, tuple(args.overrides))
     topology = load_sharding(resolve_path(args.sharding)).topology
     print(format_result(result, topology), file=sys.stdout)
+    if args.show_shardings:
+        print("activation shardings (as traced):\n" + format_constraints(result.constraints), file=sys.stdout)
     return 0 if result.fits else 1

@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tulu_jax.data.preference_batching import PAIR_BATCH_KEYS, PAIR_INDEX, REF_KEYS, PairLogps
 from tulu_jax.losses import dpo_loss, needs_reference, uses_average_logps
 from tulu_jax.losses.dpo import LOSS_TYPES, _check_hyperparameters
+from tulu_jax.models.activation_sharding import with_activation_sharding
 from tulu_jax.sharding import ShardingSpec, batch_sharding, logical_to_spec
 from tulu_jax.stages.common import (
     DataSection,
@@ -255,6 +256,7 @@ def _reference_table(
     fn = build_reference_fn(state.graphdef, average=uses_average_logps(config.dpo.loss_type),
                             concat_forward=config.dpo.concat_forward, micro_batches=micro,
                             batch_sharding=shardings["chosen_input_ids"], out_sharding=replicated(mesh))
+    fn = with_activation_sharding(fn, mesh, spec)
     fingerprint = reference_fingerprint(
         params=state.params, model_config=model_config_dict(model_config), pairs=pairs,
         max_seq_len=config.data.max_seq_len, chat_template=config.tokenizer.chat_template,
@@ -319,14 +321,17 @@ def run_dpo(config: DPOConfig, sharding_path: str, *, devices: Sequence[Any] | N
     elif use_reference:
         live = LiveReference(
             state.params, state.model_state,
-            build_reference_fn(state.graphdef, average=uses_average_logps(config.dpo.loss_type),
-                               concat_forward=config.dpo.concat_forward, micro_batches=accum,
-                               batch_sharding=shardings["chosen_input_ids"], out_sharding=shardings[REF_KEYS[0]]),
+            with_activation_sharding(
+                build_reference_fn(state.graphdef, average=uses_average_logps(config.dpo.loss_type),
+                                   concat_forward=config.dpo.concat_forward, micro_batches=accum,
+                                   batch_sharding=shardings["chosen_input_ids"], out_sharding=shardings[REF_KEYS[0]]),
+                mesh, spec),
         )
         prepare_batch = lambda host_batch: live(batcher(host_batch))  # noqa: E731
 
     step = build_dpo_step(state.graphdef, optimizer, config.dpo, state_shardings=shardings_of(state),
                           batch_shardings=shardings, grad_accum_steps=accum)
+    step = with_activation_sharding(step, mesh, spec)
     print(
         f"tulu-jax dpo: {num_steps} steps of {config.train.global_batch_size} pairs × {config.data.max_seq_len} "
         f"tokens per side ({micro_batches_text(accum)}), {config.dpo.loss_type} β={config.dpo.beta}, "

@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tulu_jax.data.preference import SIDES
 from tulu_jax.data.preference_batching import PAIR_INDEX, REF_KEYS, PairLogps
 from tulu_jax.errors import CheckpointError
-from tulu_jax.losses import sequence_logps, token_logps
+from tulu_jax.losses import sequence_logps
 from tulu_jax.train.integrity import array_checksums
 from tulu_jax.train.step import split_micro_batches
 
@@ -59,8 +59,8 @@ def pair_sequence_logps(
     """
 
     def score(ids: jax.Array, positions: jax.Array, segments: jax.Array, targets: jax.Array, mask: jax.Array):
-        logits = model(ids, positions=positions, segment_ids=segments)
-        return sequence_logps(token_logps(logits, targets), mask, average=average)
+        logps = model.token_logps(ids, targets, positions=positions, segment_ids=segments)
+        return sequence_logps(logps, mask, average=average)
 
     if not concat_forward:
         return tuple(score(*(batch[f"{side}_{key}"] for key in _SIDE_KEYS)) for side in SIDES)  # type: ignore
@@ -183,7 +183,7 @@ def reference_fingerprint(
     """Everything the cached reference log-probs depend on, as JSON-able data (see the module docstring)."""
     return {
         "model_params": params_fingerprint(params),
-        "model_config": {k: v for k, v in dict(model_config).items() if k != "remat"},
+        "model_config": {k: v for k, v in dict(model_config).items() if k not in ("remat", "logits_chunk_size")},
         "data": data_fingerprint(pairs),
         "num_pairs": len(pairs),
         "max_seq_len": max_seq_len,

@@ -24,8 +24,9 @@ import numpy as np
 from flax import nnx
 
 from tulu_jax.errors import ConfigError, DataError
-from tulu_jax.losses import count_sequences, sft_loss
+from tulu_jax.losses import count_sequences, sft_loss_from_logps
 from tulu_jax.losses.sft import Reduction
+from tulu_jax.models.activation_sharding import with_activation_sharding
 from tulu_jax.stages.common import (
     DataSection,
     GlobalBatcher,
@@ -214,10 +215,10 @@ def sft_loss_fn(reduction: Reduction, num_micro_batches: int = 1) -> Any:
     """
 
     def loss_fn(model: nnx.Module, batch: Mapping[str, jax.Array], den: Mapping[str, jax.Array]):
-        logits = model(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-        loss, metrics = sft_loss(
-            logits,
-            batch["targets"],
+        logps = model.token_logps(batch["input_ids"], batch["targets"], positions=batch["positions"],
+                                  segment_ids=batch["segment_ids"])
+        loss, metrics = sft_loss_from_logps(
+            logps,
             batch["loss_mask"],
             reduction=reduction,
             num_sequences=den["num_sequences"],
@@ -297,6 +298,7 @@ def run_sft(config: SFTConfig, sharding_path: str, *, devices: Sequence[Any] | N
         reduction=config.train.loss_reduction,
         grad_accum_steps=accum,
     )
+    step = with_activation_sharding(step, mesh, spec)
     print(
         f"tulu-jax sft: {num_steps} steps of {config.train.global_batch_size} sequences × {config.data.max_seq_len} "
         f"tokens ({micro_batches_text(accum)}) on mesh {dict(mesh.shape)}",

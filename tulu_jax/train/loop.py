@@ -12,7 +12,9 @@ Non-finite steps: the train step skips an update whose loss or gradient is not f
 `max_nonfinite_steps` of them, raises TrainingError naming the step and the newest checkpoint (all finite).
 
 SIGTERM (a preemption notice): the current step finishes, a checkpoint is written and waited for, and the
-process exits with status 0 and a message on stderr.
+process exits with status 0 and a message on stderr. On a pod the signal reaches the hosts at different steps, and
+a host that saved alone would wait forever in the save's collectives: so after every step the processes agree
+(`stop_requested`, one tiny all-gather) and all of them save the same step and exit.
 """
 
 from __future__ import annotations
@@ -76,6 +78,19 @@ class _SigtermFlag:
     def __exit__(self, *exc: Any) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+def stop_requested(local: bool) -> bool:
+    """Whether any process has `local` set; the same answer in every process (all must call it at the same step).
+
+    One process: `local` itself, at no cost. Several: an all-gather of one int32 per process, which also waits
+    for the step just dispatched (each step already ends in collectives, so this costs the dispatch overlap).
+    """
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
 
 
 def run_training(
@@ -174,10 +189,11 @@ def run_training(
                     flush()
                 if save_every and step % save_every == 0:
                     save()
-                if sigterm.received:
+                if stop_requested(sigterm.received):
                     finish()
                     where = f"saved checkpoint step {step} in {checkpointer.directory}" if checkpointer else "no save"
-                    print(f"tulu-jax: SIGTERM received; {where}; exiting", file=sys.stderr)
+                    who = "" if sigterm.received else " by another process"
+                    print(f"tulu-jax: SIGTERM received{who}; {where}; exiting", file=sys.stderr)
                     raise SystemExit(0)
             finish()
     finally:
