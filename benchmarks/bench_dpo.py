@@ -78,14 +78,15 @@ def setup(w: Workload):
     from bench_sft import model_config
     from tulu_jax.models import Decoder
     from tulu_jax.sharding import ShardingSpec, make_mesh
-    from tulu_jax.stages.common import OptimSection, make_stage_optimizer, variable_shardings
+    from tulu_jax.stages.sections import OptimSection
+    from tulu_jax.stages.setup import variable_shardings
     from tulu_jax.train import init_train_state
 
     rules = {"vocab": None, "embed": None, "mlp": None, "heads": None, "kv_heads": None, "head_dim": None,
              "layers": None, "batch": None, "length": None}
     spec = ShardingSpec(mesh={"data": 1}, rules=rules)
     mesh = make_mesh(spec, devices=jax.devices()[:1])
-    optimizer = make_stage_optimizer(OptimSection(lr=LR, warmup_ratio=0.0, clip=CLIP), total_steps=1000)
+    optimizer = OptimSection(lr=LR, warmup_ratio=0.0, clip=CLIP).build(total_steps=1000)
     config = model_config(w)
 
     def fresh_state():
@@ -100,12 +101,13 @@ def run_side(side: str, w: Workload, warmup: int, repeats: int) -> dict[str, Any
     import jax
     import numpy as np
 
-    from tulu_jax.data.preference_batching import PAIR_BATCH_KEYS, REF_KEYS, make_pair_batches
+    from tulu_jax.data.preference_batching import REF_KEYS, make_pair_batches
     from tulu_jax.sharding import batch_sharding
-    from tulu_jax.stages.dpo import DPOSection, build_dpo_step, pair_batch_shardings
+    from tulu_jax.stages.dpo import DPOSection, build_dpo_step
     from tulu_jax.stages.reference import build_reference_fn, compute_reference_logps
     from tulu_jax.stages.sft import build_sft_step
     from tulu_jax.train import shardings_of
+    from tulu_jax.train.batches import Batch, PairBatch
 
     spec, mesh, optimizer, fresh_state = setup(w)
     out: dict[str, Any] = {"load_before": os.getloadavg()[0]}
@@ -115,25 +117,25 @@ def run_side(side: str, w: Workload, warmup: int, repeats: int) -> dict[str, Any
     reference_fn = build_reference_fn(state.graphdef, average=True, concat_forward=True)
 
     if side == "reference":
-        batch = jax.device_put(host)
+        batch = jax.device_put(PairBatch.from_host(host))
         fn, args = reference_fn, (state.params, state.model_state, batch)
     elif side == "sft":
         sides = [{key: host[f"{s}_{key}"] for key in ("input_ids", "positions", "segment_ids", "targets",
                                                        "loss_mask")} for s in ("chosen", "rejected")]
-        batch = jax.device_put({key: np.concatenate([sides[0][key], sides[1][key]]) for key in sides[0]},
+        batch = jax.device_put(Batch(**{key: np.concatenate([sides[0][key], sides[1][key]]) for key in sides[0]}),
                                batch_sharding(mesh, spec))
         fn = build_sft_step(state.graphdef, optimizer, state_shardings=shardings_of(state),
                             batch_sharding=batch_sharding(mesh, spec))
-        args = (state, batch)
+        args = (state, batch, None)  # (state, batch, frozen)
     else:
         table = compute_reference_logps(reference_fn, state.params, state.model_state, [host], len(data))
         (host,) = make_pair_batches(data, w.train_seq, w.train_batch, reference=table)
-        shardings = pair_batch_shardings(mesh, spec, PAIR_BATCH_KEYS + REF_KEYS)
-        batch = {k: jax.device_put(v, shardings[k]) for k, v in host.items()}
+        shardings = PairBatch.shardings(mesh, spec, reference=True)
+        batch = jax.device_put(PairBatch.from_host(host), shardings)
         dpo = DPOSection(loss_type="dpo_norm", beta=BETA, concat_forward=side == "dpo")
         fn = build_dpo_step(state.graphdef, optimizer, dpo, state_shardings=shardings_of(state),
                             batch_shardings=shardings)
-        args = (state, batch)
+        args = (state, batch, None)  # (state, batch, frozen)
 
     start = time.perf_counter()
     compiled = fn.lower(*args).compile()
@@ -148,7 +150,7 @@ def run_side(side: str, w: Workload, warmup: int, repeats: int) -> dict[str, Any
             out["value"] = float(result[REF_KEYS[0]][0])  # blocks until done
         else:
             state, metrics = compiled(*holder["args"])
-            holder["args"] = (state, holder["args"][1])
+            holder["args"] = (state, *holder["args"][1:])
             out["value"] = float(metrics["loss"])
 
     out["step_s"] = median_seconds(call, warmup, repeats)

@@ -80,22 +80,24 @@ def bench_jax(w: Workload, warmup: int, repeats: int, kinds: tuple[str, ...] = (
 
     from tulu_jax.models import Decoder
     from tulu_jax.sharding import ShardingSpec, batch_sharding, make_mesh
-    from tulu_jax.stages.common import OptimSection, make_stage_optimizer, variable_shardings
+    from tulu_jax.stages.sections import OptimSection
+    from tulu_jax.stages.setup import variable_shardings
     from tulu_jax.stages.sft import build_sft_step
+    from tulu_jax.train.batches import Batch
     from tulu_jax.train import init_train_state, shardings_of
 
     rules = {"vocab": None, "embed": None, "mlp": None, "heads": None, "kv_heads": None, "head_dim": None,
              "layers": None, "batch": None, "length": None}
     spec = ShardingSpec(mesh={"data": 1}, rules=rules)
     mesh = make_mesh(spec, devices=jax.devices()[:1])
-    optimizer = make_stage_optimizer(OptimSection(lr=LR, warmup_ratio=0.0, clip=CLIP), total_steps=1000)
+    optimizer = OptimSection(lr=LR, warmup_ratio=0.0, clip=CLIP).build(total_steps=1000)
     config = model_config(w)
     out: dict[str, Any] = {"load_before": os.getloadavg()[0]}
     for kind in kinds:
         state = init_train_state(lambda rngs: Decoder(config, rngs=rngs), optimizer, mesh,
                                  variable_shardings(mesh, spec), seed=0)
         sharding = batch_sharding(mesh, spec)
-        batch = jax.device_put(sft_batch(w, packed=kind == "packed"), sharding)
+        batch = jax.device_put(Batch.from_host(sft_batch(w, packed=kind == "packed")), sharding)
         step = build_sft_step(state.graphdef, optimizer, state_shardings=shardings_of(state), batch_sharding=sharding)
         start = time.perf_counter()
         compiled = step.lower(state, batch).compile()
@@ -103,7 +105,7 @@ def bench_jax(w: Workload, warmup: int, repeats: int, kinds: tuple[str, ...] = (
         holder = {"state": state}
 
         def run() -> None:
-            holder["state"], metrics = compiled(holder["state"], batch)
+            holder["state"], metrics = compiled(holder["state"], batch, None)  # no frozen model
             holder["loss"] = float(metrics["loss"])  # blocks until the step is done
 
         seconds = median_seconds(run, warmup, repeats)

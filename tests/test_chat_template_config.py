@@ -11,14 +11,11 @@ from tulu_jax.data.templates import TULU_CHAT_TEMPLATE, apply_chat_template
 from tulu_jax.data.tokenizers import load_tokenizer, qwen25_tokenizer
 from tulu_jax.errors import ConfigError
 from tulu_jax.models.presets import preset_config
-from tulu_jax.stages.common import (
-    ModelSection,
-    OptimSection,
-    TokenizerSection,
-    export_hf,
+from tulu_jax.stages.run_dir import export_hf
+from tulu_jax.stages.sections import ModelSection, OptimSection, TokenizerSection
+from tulu_jax.stages.setup import (
     init_stage_state,
     load_stage_tokenizer,
-    make_stage_optimizer,
     setup_mesh,
 )
 
@@ -35,7 +32,7 @@ MESSAGES = [
 @pytest.fixture(scope="module")
 def tiny_state():
     spec, mesh = setup_mesh("sharding/cpu-1.yaml", devices=jax.devices()[:1])
-    optimizer = make_stage_optimizer(OptimSection(), total_steps=1)
+    optimizer = OptimSection().build(total_steps=1)
     return init_stage_state(MODEL, preset_config("tiny"), optimizer, mesh, spec, seed=0)
 
 

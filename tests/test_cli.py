@@ -13,8 +13,10 @@ import pytest
 
 from tulu_jax import cli
 from tulu_jax.errors import ConfigError, TuluJaxError
-from tulu_jax.stages import sft
-from tulu_jax.stages.common import ModelSection, resolve_model_config, resolve_path
+from tulu_jax.stages import sft, training
+from tulu_jax.stages.paths import resolve_path
+from tulu_jax.stages.sections import ModelSection
+from tulu_jax.stages.setup import resolve_model_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY_CONFIG = REPO / "configs" / "tiny_sft.yaml"
@@ -33,7 +35,7 @@ def no_compilation(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the stage reached model initialization / compilation")
 
-    monkeypatch.setattr(sft, "init_stage_state", forbidden)
+    monkeypatch.setattr(training, "init_stage_state", forbidden)
     monkeypatch.setattr(sft, "build_sft_step", forbidden)
 
 
@@ -132,7 +134,7 @@ def test_on_error_skip_reports_the_counts(tmp_path, capsys, monkeypatch):
     def stop(*args, **kwargs):
         raise _Stop("stopped after the data")
 
-    monkeypatch.setattr(sft, "init_stage_state", stop)
+    monkeypatch.setattr(training, "init_stage_state", stop)
     data = _data_with_a_bad_row(tmp_path)
     assert run_sft(TINY_CONFIG, f"data.sources=[{{path: {data}}}]", "data.on_error=skip",
                    "data.max_bad_fraction=0.2", "train.global_batch_size=4") == 1
@@ -144,7 +146,7 @@ def test_on_error_skip_reports_the_counts(tmp_path, capsys, monkeypatch):
 
 def test_rows_without_supervised_tokens_and_truncation_are_counted(tmp_path):
     from tulu_jax.data.tokenizers import load_tokenizer
-    from tulu_jax.stages.common import SourceSection
+    from tulu_jax.stages.sections import SourceSection
 
     rows = [
         {"messages": [{"role": "user", "content": "a long question " * 20}, {"role": "assistant", "content": "yes"}]},

@@ -14,7 +14,7 @@ from tulu_jax import cli
 from tulu_jax.errors import ConfigError
 from tulu_jax.sharding import load_sharding, tpu_topology_mesh
 from tulu_jax.stages import sft
-from tulu_jax.stages.common import load_stage_config
+from tulu_jax.stages.sections import load_stage_config
 from tulu_jax.stages import compile_check as compile_check_module
 from tulu_jax.stages.compile_check import compile_check, format_result
 
@@ -63,7 +63,8 @@ def test_tiny_sft_step_compiles_for_v5p_and_reports_memory(tiny_result, monkeypa
 def test_memory_report_accounts_for_the_sharded_state_and_batch(tiny_result):
     config = load_stage_config(sft.SFTConfig, TINY_CONFIG)
     spec = load_sharding(V5P_8)
-    _, (state, batch), _ = sft.aot_train_step(config, tpu_topology_mesh(spec), spec)
+    _, (state, batch, frozen), _ = sft.STAGE.aot(config, (spec, tpu_topology_mesh(spec)))
+    assert frozen is None  # SFT reads no frozen model
     report = tiny_result.report
     assert tiny_result.fits and report["device_kind"] == "TPU v5" and report["hbm_bytes"] == 95 * 2**30
     # The state is donated (aliased to the new state); the rest of the arguments is this device's batch shard.

@@ -140,7 +140,7 @@ def test_incomplete_settings_are_errors(clean_env):
 
 def test_tpu_chips_are_counted_from_pci_sysfs(tmp_path):
     """A Cloud TPU VM is recognized by its Google processing-accelerator PCI devices (not its Google NIC)."""
-    from tulu_jax.sharding import _local_tpu_chips
+    from tulu_jax.sharding.distributed import _local_tpu_chips
 
     devices = {"0000:00:04.0": ("0x1ae0", "0x120000"), "0000:00:05.0": ("0x1ae0", "0x120000"),
                "0000:00:06.0": ("0x1ae0", "0x020000"), "0000:00:07.0": ("0x10de", "0x030200")}

@@ -26,20 +26,21 @@ from flax import nnx
 
 from tulu_jax import cli
 from tulu_jax.data.preference import load_preference_pairs
-from tulu_jax.data.preference_batching import PAIR_BATCH_KEYS, REF_KEYS, PairLogps, make_pair_batches
+from tulu_jax.data.preference_batching import PairLogps, make_pair_batches
 from tulu_jax.data.rows import Source
 from tulu_jax.data.tokenizers import load_tokenizer
 from tulu_jax.errors import CheckpointError, ConfigError
 from tulu_jax.models.presets import preset_config
 from tulu_jax.sharding import load_sharding, make_mesh
-from tulu_jax.stages.common import ModelSection, OptimSection, init_stage_state, make_stage_optimizer, resolve_path
+from tulu_jax.stages.paths import resolve_path
+from tulu_jax.stages.sections import ModelSection, OptimSection
+from tulu_jax.stages.setup import init_stage_state
 from tulu_jax.stages.dpo import (
     DPOConfig,
     DPOSection,
-    aot_train_step,
+    STAGE,
     build_dpo_step,
     dpo_loss_fn,
-    pair_batch_shardings,
     pair_denominators,
 )
 from tulu_jax.stages.reference import (
@@ -53,6 +54,7 @@ from tulu_jax.stages.reference import (
     save_reference_cache,
 )
 from tulu_jax.train import shardings_of
+from tulu_jax.train.batches import PairBatch
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY_CONFIG = REPO / "configs" / "tiny_dpo.yaml"
@@ -60,7 +62,7 @@ CPU8 = REPO / "sharding" / "cpu-8.yaml"
 SEQ = 72  # the longest toy pair has 66 tokens per side
 PAIRS_PER_BATCH = 8
 LEARN_STEPS = 30
-OPT = make_stage_optimizer(OptimSection(lr=3e-3, warmup_ratio=0.0), total_steps=LEARN_STEPS)
+OPT = OptimSection(lr=3e-3, warmup_ratio=0.0).build(total_steps=LEARN_STEPS)
 NORM = DPOSection()  # the recipe: dpo_norm, β = 5
 
 
@@ -120,7 +122,7 @@ def dpo_step(mesh_name: str, accum: int):
         state = initial_state(mesh_name)
         _STEPS[mesh_name, accum] = build_dpo_step(
             state.graphdef, OPT, NORM, state_shardings=shardings_of(state),
-            batch_shardings=pair_batch_shardings(m, spec, PAIR_BATCH_KEYS + REF_KEYS), grad_accum_steps=accum,
+            batch_shardings=PairBatch.shardings(m, spec, reference=True), grad_accum_steps=accum,
         )
     return _STEPS[mesh_name, accum]
 
@@ -184,7 +186,7 @@ def value_and_grads(model, batch, dpo: DPOSection):
         return jax.value_and_grad(lambda q: loss_fn(nnx.merge(graphdef, q, rest), b, pair_denominators(b)),
                                   has_aux=True)(p)
 
-    return run(params, batch)
+    return run(params, PairBatch.from_host(batch))
 
 
 def toy_reference(n: int, average: bool) -> PairLogps:
@@ -229,7 +231,7 @@ def test_dpo_norm_loss_equals_numpy_recomputation_per_pair(model, pairs, concat_
 def test_summed_dpo_loss_equals_numpy_recomputation_per_pair(model, pairs):
     dpo = DPOSection(loss_type="dpo", beta=0.1)
     batch = make_pair_batches(pairs[:6], SEQ, PAIRS_PER_BATCH, reference=toy_reference(6, False))[0]
-    loss, aux = nnx.jit(lambda m, b: dpo_loss_fn(dpo)(m, b, pair_denominators(b)))(model, batch)
+    loss, aux = nnx.jit(lambda m, b: dpo_loss_fn(dpo)(m, b, pair_denominators(b)))(model, PairBatch.from_host(batch))
     assert_matches_numpy(loss, aux, numpy_dpo(model, pairs[:6], toy_reference(6, False), dpo), pairs[:6])
 
 
@@ -250,7 +252,7 @@ def run_steps(mesh_name: str, accum: int, batches):
     state, history = initial_state(mesh_name), []
     step = dpo_step(mesh_name, accum)
     for batch in batches:
-        state, metrics = step(state, batch)
+        state, metrics = step(state, PairBatch.from_host(batch))
         history.append(jax.device_get(metrics))
     return history, jax.device_get(nnx.to_pure_dict(state.params))
 
@@ -295,7 +297,7 @@ def test_thirty_steps_raise_preference_accuracy_and_margin(pairs, reference):
     state, step = initial_state("one"), dpo_step("one", 1)
     history = []
     for i in range(LEARN_STEPS):
-        state, metrics = step(state, batches[i % len(batches)])
+        state, metrics = step(state, PairBatch.from_host(batches[i % len(batches)]))
         history.append(jax.device_get(metrics))
     # Before training the policy is the reference: every margin is 0 (up to float noise between the two passes).
     assert abs(history[0]["reward_margin"]) < 1e-4
@@ -370,7 +372,7 @@ def read_metrics(run_dir: pathlib.Path) -> dict[int, dict]:
 
 
 def cli_config(path: pathlib.Path, *overrides: str) -> DPOConfig:
-    from tulu_jax.stages.common import load_stage_config
+    from tulu_jax.stages.sections import load_stage_config
 
     return load_stage_config(DPOConfig, path, overrides)
 
@@ -495,7 +497,7 @@ def test_aot_step_compiles_for_a_tpu_topology():
 
     spec = load_sharding(REPO / "sharding" / "v5p-8.yaml")
     config = cli_config(TINY_CONFIG, f"data.max_seq_len={SEQ}", "train.grad_accum_steps=2")
-    step, args, summary = aot_train_step(config, tpu_topology_mesh(spec), spec)
+    step, args, summary = STAGE.aot(config, (spec, tpu_topology_mesh(spec)))
     assert "16 pairs" in summary and "2 micro-batches of 2 pair(s) per device" in summary
     report = memory_report(compile_for_topology(step, args, spec))
     assert report["fits"] and report["total_bytes"] > 0

@@ -15,7 +15,7 @@ from tulu_jax import cli
 from tulu_jax.data.tokenizers import load_tokenizer
 from tulu_jax.errors import DataError
 from tulu_jax.rl.verifiers import extract_answer, verify
-from tulu_jax.stages.common import resolve_path
+from tulu_jax.stages.paths import resolve_path
 from tulu_jax.stages.eval import (
     IN_MEMORY,
     Completion,

@@ -53,7 +53,7 @@ MESH = make_mesh((2, 2, 2))
 # --------------------------------------------------------------------------------------------------- NaN guard
 
 
-def poisoned_loss(model, batch, denominators):
+def poisoned_loss(model, batch, denominators, frozen=None):
     """The helpers' loss, times `scale` (a per-row float: inf poisons the loss and the gradients)."""
     loss, aux = loss_fn(model, batch, denominators)
     return loss * jnp.max(batch["scale"]), aux

@@ -4,7 +4,6 @@ as this host allows: their configs load and compile-check picks the stage from t
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import pathlib
@@ -18,8 +17,9 @@ import pytest
 
 from tulu_jax import cli
 from tulu_jax.config import dump_config
-from tulu_jax.stages.common import load_stage_config
-from tulu_jax.stages.compile_check import STAGES, infer_stage
+from tulu_jax.stages.sections import load_stage_config
+from tulu_jax.stages.compile_check import infer_stage
+from tulu_jax.stages.registry import get_stage
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
@@ -60,9 +60,7 @@ def test_the_pod_commands_name_real_keys_and_stages():
                 continue
             args = cli.build_parser().parse_args(argv[1:])
             if args.command in ("sft", "dpo"):
-                module, config_class, _ = STAGES[args.command]
-                config = load_stage_config(getattr(importlib.import_module(module), config_class), args.config,
-                                           args.overrides)
+                config = load_stage_config(get_stage(args.command).config_class, args.config, args.overrides)
                 assert dump_config(config)["data"]["sources"], argv
             elif args.command == "compile-check":
                 assert infer_stage(args.config) == "dpo"

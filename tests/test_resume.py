@@ -11,7 +11,7 @@ import yaml
 
 from tulu_jax.config import dump_config
 from tulu_jax.errors import ConfigError
-from tulu_jax.stages.common import load_stage_config
+from tulu_jax.stages.sections import load_stage_config
 from tulu_jax.stages.resume import CHANGES_FILE, check_stage_resume, config_changes, is_resumable
 from tulu_jax.stages.sft import SFTConfig
 

@@ -29,18 +29,13 @@ from tulu_jax.data.tokenizers import load_tokenizer
 from tulu_jax.models import Decoder, load_model
 from tulu_jax.models.presets import preset_config
 from tulu_jax.sharding import batch_sharding, load_sharding, make_mesh
-from tulu_jax.stages.common import (
-    ModelSection,
-    OptimSection,
-    SourceSection,
-    abstract_stage_state,
-    init_stage_state,
-    make_stage_optimizer,
-    resolve_path,
-)
+from tulu_jax.stages.paths import resolve_path
+from tulu_jax.stages.sections import ModelSection, OptimSection, SourceSection
+from tulu_jax.stages.setup import abstract_stage_state, init_stage_state
 from tulu_jax.stages.convert import read_model_config, restore_params
 from tulu_jax.stages.sft import SFTDataSection, build_sft_step, prepare_sft_data, sft_denominators, sft_loss_fn
 from tulu_jax.train import Checkpointer, Optimizer, shardings_of
+from tulu_jax.train.batches import Batch
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY_CONFIG = REPO / "configs" / "tiny_sft.yaml"
@@ -86,7 +81,8 @@ def loss_and_grads():
     @jax.jit
     def fn(batch):
         def loss(p, reduction):
-            return sft_loss_fn(reduction)(nnx.merge(graphdef, p, rest), batch, sft_denominators(batch))
+            typed = Batch.from_host(batch)
+            return sft_loss_fn(reduction)(nnx.merge(graphdef, p, rest), typed, sft_denominators(typed))
 
         out = {r: jax.value_and_grad(loss, has_aux=True)(params, r) for r in ("sum", "mean")}
         model = nnx.merge(graphdef, params, rest)
@@ -139,7 +135,8 @@ def test_bf16_compute_with_float32_master_weights(loss_and_grads, batches):
     @jax.jit
     def bf16_loss_and_grads(params):
         def loss(p):
-            return sft_loss_fn("sum")(nnx.merge(bf16_graphdef, p, rest), padded, sft_denominators(padded))[0]
+            typed = Batch.from_host(padded)
+            return sft_loss_fn("sum")(nnx.merge(bf16_graphdef, p, rest), typed, sft_denominators(typed))[0]
 
         return jax.value_and_grad(loss)(params)
 
@@ -194,7 +191,7 @@ def _one_step(mesh_name: str, reduction: str, accum: int, batch: dict[str, np.nd
         _CACHE[key] = build_sft_step(state.graphdef, SGD, state_shardings=shardings,
                                      batch_sharding=batch_sharding(mesh, spec), reduction=reduction,
                                      grad_accum_steps=accum)
-    state, metrics = _CACHE[key](state, batch)
+    state, metrics = _CACHE[key](state, Batch.from_host(batch))
     before = nnx.to_pure_dict(_initial_state().params)
     after = jax.device_get(nnx.to_pure_dict(state.params))
     return jax.device_get(metrics), jax.tree.map(lambda p0, p1: p0.astype(np.float64) - p1, before, after)
@@ -235,7 +232,7 @@ def test_sharded_step_on_8_devices_equals_one_device(rows):
 
 
 def test_checkpoint_from_fsdp4_tensor2_restores_on_data2_fsdp4(tmp_path):
-    optimizer = make_stage_optimizer(OPTIM, total_steps=10)  # AdamW: moments to save and restore
+    optimizer = OPTIM.build(total_steps=10)  # AdamW: moments to save and restore
     config = preset_config("tiny")
     spec_a, mesh_a = _mesh("a", {"data": 1, "fsdp": 4, "tensor": 2})
     abstract_a = abstract_stage_state(config, optimizer, mesh_a, spec_a)

@@ -451,3 +451,31 @@ def test_decoder_forward_sharded_matches_one_device(mesh8, spec8):
     want = forward(reference, jnp.asarray(ids), jnp.asarray(mask))
     assert got.shape == (4, 12, 64)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+# --- default rules ----------------------------------------------------------------------------------------------
+
+# The rules every sharding file listed in full before DEFAULT_RULES existed (cpu-1, cpu-8, h100x8, v5p-8, v5p-64,
+# v5p-256, v6e-256 all had this table): loading a file must still give exactly these.
+FORMER_TABLE = {
+    "vocab": "tensor", "embed": "fsdp", "mlp": "tensor", "heads": "tensor", "kv_heads": "tensor", "head_dim": None,
+    "layers": None, "batch": ["data", "fsdp"], "length": None, "act_embed": None, "act_heads": "tensor",
+    "act_kv_heads": "tensor", "act_mlp": "tensor", "act_vocab": "tensor",
+}
+
+
+def test_every_sharding_file_keeps_its_former_rules():
+    for path in SHARDING_DIR.glob("*.yaml"):
+        assert load_sharding(path).rules == FORMER_TABLE, path.name
+
+
+def test_a_file_lists_only_the_rules_that_differ(tmp_path):
+    spec = load_sharding(write(tmp_path, "mesh: {data: 2, fsdp: 2, tensor: 2}\nrules: {embed: null, value: tensor}\n"))
+    assert spec.rules == {**FORMER_TABLE, "embed": None, "value": "tensor"}
+
+
+def test_a_default_rule_naming_an_axis_the_mesh_lacks_is_an_error_naming_the_file(tmp_path):
+    path = write(tmp_path, "mesh: {data: 2, fsdp: 4}\n")
+    with pytest.raises(ConfigError, match=re.escape("names unknown mesh axis 'tensor'")) as err:
+        load_sharding(path)
+    assert str(err.value).startswith(str(path)) and "default rule" in str(err.value)

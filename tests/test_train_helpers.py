@@ -67,7 +67,7 @@ def masked_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Ar
     return jnp.sum(jnp.where(mask, nll, 0.0))
 
 
-def loss_fn(model, batch, denominators):
+def loss_fn(model, batch, denominators, frozen=None):
     """Σ masked token NLL / denominators["denominator"] (a global count: sequences or supervised tokens)."""
     nll_sum = masked_nll(model(batch["input_ids"]), batch["targets"], batch["loss_mask"])
     return nll_sum / denominators["denominator"], {"nll_sum": nll_sum, "tokens": jnp.sum(batch["loss_mask"])}

@@ -201,7 +201,7 @@ def test_eval_step_matches_numpy_and_train_step_compiles_ahead_of_time():
     assert jax.tree.structure(abstract_state) == jax.tree.structure(state)
     abstract_batch = with_shardings(batch, jax.tree.map(lambda _: batch_sharding(mesh), batch))
     compiled = train_step("mesh8", 4, "tokens").lower(abstract_state, abstract_batch).compile()
-    _, train_metrics = compiled(fresh_state("mesh8"), batch)
+    _, train_metrics = compiled(fresh_state("mesh8"), batch, None)  # (state, batch, frozen): no frozen model
     np.testing.assert_allclose(float(train_metrics["loss"]), float(metrics["loss"]), rtol=1e-6)
 
 

@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from tulu_jax import platform
 from tulu_jax.errors import TuluJaxError
+from tulu_jax.stages.registry import STAGES
 
 
 def config_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -55,7 +56,7 @@ def stage_arguments(parser: argparse.ArgumentParser) -> None:
 def compile_check_arguments(parser: argparse.ArgumentParser) -> None:
     """A stage's config arguments (optional with --table) plus which stage's train step to compile."""
     config_arguments(parser, required=False)
-    parser.add_argument("--stage", default=None,
+    parser.add_argument("--stage", default=None, choices=list(STAGES),
                         help="whose train step the config describes (default: the stage whose config it is)")
     parser.add_argument("--show-shardings", action="store_true", help="also list the activation shardings")
     parser.add_argument("--table", action="store_true",
@@ -115,8 +116,8 @@ QUIET_LIBTPU = {
 
 
 COMMANDS: dict[str, Command] = {
-    "sft": Command("tulu_jax.stages.sft:main", "supervised fine-tuning (Tülu 3 SFT)"),
-    "dpo": Command("tulu_jax.stages.dpo:main", "preference tuning (Tülu 3 length-normalized DPO)"),
+    # every registered training stage is a command (tulu_jax.stages.registry.STAGES)
+    **{name: Command("tulu_jax.stages.registry:main", entry.help) for name, entry in STAGES.items()},
     "eval": Command(
         "tulu_jax.stages.eval:main", "generate answers to verifiable prompts, score them per dataset",
         lambda p: importlib.import_module("tulu_jax.stages.eval").add_arguments(p),

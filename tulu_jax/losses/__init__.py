@@ -2,7 +2,14 @@
 
 from tulu_jax.losses.common import count_sequences, masked_sum, safe_denominator, token_logps
 from tulu_jax.losses.distill import generalized_jsd, soft_cross_entropy, sparse_soft_cross_entropy
-from tulu_jax.losses.dpo import LOSS_TYPES, dpo_loss, needs_reference, sequence_logps, uses_average_logps
+from tulu_jax.losses.dpo import (
+    LOSS_TYPES,
+    check_dpo_hyperparameters,
+    dpo_loss,
+    needs_reference,
+    sequence_logps,
+    uses_average_logps,
+)
 from tulu_jax.losses.ppo import (
     GRPO_SCALES,
     KL_KINDS,
@@ -25,6 +32,7 @@ __all__ = [
     "KL_KINDS",
     "LOSS_TYPES",
     "REDUCTIONS",
+    "check_dpo_hyperparameters",
     "count_sequences",
     "dpo_loss",
     "explained_variance",

@@ -63,7 +63,8 @@ def _log_sigmoid_loss(z: Array, label_smoothing: float) -> Array:
     return loss
 
 
-def _check_hyperparameters(beta: float, loss_type: str, label_smoothing: float, gamma_beta_ratio: float) -> None:
+def check_dpo_hyperparameters(beta: float, loss_type: str, label_smoothing: float, gamma_beta_ratio: float) -> None:
+    """ConfigError unless the loss type is known and β, label smoothing and SimPO's γ/β are in range."""
     _check_loss_type(loss_type)
     if not (math.isfinite(beta) and beta > 0):
         raise ConfigError(f"dpo beta must be a finite number > 0, got {beta!r}")
@@ -110,7 +111,7 @@ def dpo_loss(
       means over (valid) pairs, detached: `loss`, `chosen_reward`, `rejected_reward` (β(logπ − logπ_ref), or β·logπ̄
       for simpo), `reward_margin`, `reward_accuracy` (chosen reward > rejected), `chosen_logps`, `rejected_logps`.
     """
-    _check_hyperparameters(beta, loss_type, label_smoothing, gamma_beta_ratio)
+    check_dpo_hyperparameters(beta, loss_type, label_smoothing, gamma_beta_ratio)
     dtype = compute_dtype(policy_chosen)
     pc, pr = policy_chosen.astype(dtype), policy_rejected.astype(dtype)
     if loss_type == "simpo":

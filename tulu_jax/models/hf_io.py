@@ -29,6 +29,7 @@ from tulu_jax.errors import CheckpointError
 from tulu_jax.finite import nonfinite_leaves
 from tulu_jax.models.config import ModelConfig, load_hf_config
 from tulu_jax.models.decoder import Decoder, layer_param_specs
+from tulu_jax.pytree import path_names
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -303,17 +304,8 @@ def _read(hf_slice: Any, source: _Source, bounds: tuple[tuple[int, int], ...]) -
 
 def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
     """A pytree key path as names, without the trailing `.value` of an nnx Variable."""
-    names = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            names.append(str(key.key))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            names.append(key.name)
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            names.append(str(key.idx))
-    if names and names[-1] == "value":
-        names.pop()
-    return tuple(names)
+    names = path_names(path)
+    return names[:-1] if names and names[-1] == "value" else names
 
 
 def _flat_shardings(shardings: Any) -> dict[tuple[str, ...], jax.sharding.Sharding]:

@@ -1,11 +1,11 @@
 """Batched KV-cache sampler: one prefill call, then a jitted decode loop that stops early.
 
-`generate` left-pads the prompts into a length bucket, prefills the whole prompt with one
-`Decoder.forward_cached` call and decodes inside a `jax.lax.while_loop` that exits as soon as
-every row has produced a stop token or `max_new_tokens` is reached. The model is split once per call
-(`nnx.split`) and its state is an argument of the compiled function, so the same executable serves
-updated weights (RLVR) and a stream of requests compiles one program per
-(graphdef, batch, prompt bucket, new-token bucket, sampling settings).
+`sample` is the sampler as a pure function of `(graphdef, states, prompts, rng, ...)`: it prefills the left-padded
+prompts with one `Decoder.forward_cached` call and decodes inside a `jax.lax.while_loop` that exits as soon as
+every row has produced a stop token or `max_new_tokens` is reached. `generate(model, ...)` is the friendly wrapper
+(it left-pads the prompts into a length bucket and splits the model once per call; its state is an argument of the
+compiled function, so a stream of requests compiles one program per (graphdef, batch, prompt bucket, new-token
+bucket, sampling settings)); `tulu_jax.rl.rollout` jits `sample` with a trainer's shardings.
 
 Log-probabilities: `GenerationResult.logprobs[b, t]` is log π(a_t) of the *sampling policy before
 top-k/top-p filtering*: `log_softmax(logits / temperature)` when temperature > 0, `log_softmax(logits)`
@@ -180,55 +180,100 @@ def _stop_block(stop_ids: Sequence[int]) -> np.ndarray:
     return block
 
 
+def sample(
+    graphdef: nnx.GraphDef,
+    states: tuple[nnx.State, ...],
+    ids: jax.Array,
+    mask: jax.Array,
+    key: jax.Array,
+    max_new: jax.Array,
+    stop_ids: jax.Array,
+    pad_id: jax.Array,
+    *,
+    settings: SamplingSettings,
+    new_bucket: int,
+    cache_sharding: jax.sharding.Sharding | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The sampler as a pure function: `nnx.merge(graphdef, *states)` prefills the left-padded prompts `ids` [B, P]
+    (`mask` bool [B, P]) and decodes up to `max_new` (≤ new_bucket) tokens in a while loop that stops when every row
+    has produced one of `stop_ids`. Returns (tokens int32 [B, new_bucket], logprobs float32 [B, new_bucket],
+    lengths int32 [B], finished bool [B]). `cache_sharding`: a layout for the KV cache k/v [L, B, S, KVH, Dh].
+    Traceable under any jit (no Python state but a trace counter)."""
+    TRACE_COUNTS[f"generate/{settings}"] += 1
+    model = nnx.merge(graphdef, *states)
+    batch, width = ids.shape
+
+    def constrain(cache: Any) -> Any:
+        if cache_sharding is None:
+            return cache
+        return dataclasses.replace(cache, k=jax.lax.with_sharding_constraint(cache.k, cache_sharding),
+                                   v=jax.lax.with_sharding_constraint(cache.v, cache_sharding))
+
+    def record(t, token, logprob, out):
+        tokens, logprobs, lengths, finished, done = out
+        active = ~done
+        tokens = jax.lax.dynamic_update_index_in_dim(tokens, jnp.where(active, token, pad_id), t, axis=1)
+        logprobs = jax.lax.dynamic_update_index_in_dim(logprobs, jnp.where(active, logprob, 0.0), t, axis=1)
+        stopped = active & jnp.any(token[:, None] == stop_ids[None, :], axis=1)
+        return tokens, logprobs, lengths + active, finished | stopped, done | stopped
+
+    key_mask = jnp.concatenate([mask, jnp.ones((batch, new_bucket), bool)], axis=1)
+    prompt_len = jnp.sum(mask, axis=1, dtype=jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+
+    cache = constrain(model.init_cache(batch, width + new_bucket))
+    logits, cache = model.forward_cached(ids, positions, cache, key_mask, last_only=True)
+    token, logprob = sample_tokens(jax.random.fold_in(key, 0), logits[:, -1], settings)
+    out = (
+        jnp.full((batch, new_bucket), pad_id, jnp.int32),
+        jnp.zeros((batch, new_bucket), jnp.float32),
+        jnp.zeros((batch,), jnp.int32),
+        jnp.zeros((batch,), bool),
+        jnp.zeros((batch,), bool),
+    )
+    out = record(0, token, logprob, out)
+
+    def cond(carry):
+        t, _, _, out = carry
+        return (t < max_new) & ~jnp.all(out[-1])
+
+    def body(carry):
+        t, cache, token, out = carry
+        # The token sampled at step t-1 sits at position prompt_len + t - 1.
+        logits, cache = model.forward_cached(token[:, None], (prompt_len + t - 1)[:, None], cache, key_mask)
+        token, logprob = sample_tokens(jax.random.fold_in(key, t), logits[:, 0], settings)
+        return t + 1, constrain(cache), token, record(t, token, logprob, out)
+
+    _, _, _, out = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, token, out))
+    return out[:4]
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled_generate(graphdef: nnx.GraphDef, settings: SamplingSettings, new_bucket: int):
-    """The jitted `(state, ids, mask, key, max_new, stop_ids, pad_id) -> outputs` program for one model structure,
-    sampling settings and new-token bucket (jit adds one executable per batch/prompt-bucket shape)."""
+    """`sample` jitted for one model structure, sampling settings and new-token bucket (jit adds one executable per
+    batch/prompt-bucket shape); arguments keep the layout they come with."""
+    return jax.jit(functools.partial(sample, graphdef, settings=settings, new_bucket=new_bucket))
 
-    def run(state, ids, mask, key, max_new, stop_ids, pad_id):
-        TRACE_COUNTS[f"generate/{settings}"] += 1
-        model = nnx.merge(graphdef, state)
-        batch, width = ids.shape
 
-        def record(t, token, logprob, out):
-            tokens, logprobs, lengths, finished, done = out
-            active = ~done
-            tokens = jax.lax.dynamic_update_index_in_dim(tokens, jnp.where(active, token, pad_id), t, axis=1)
-            logprobs = jax.lax.dynamic_update_index_in_dim(logprobs, jnp.where(active, logprob, 0.0), t, axis=1)
-            stopped = active & jnp.any(token[:, None] == stop_ids[None, :], axis=1)
-            return tokens, logprobs, lengths + active, finished | stopped, done | stopped
-
-        key_mask = jnp.concatenate([mask, jnp.ones((batch, new_bucket), bool)], axis=1)
-        prompt_len = jnp.sum(mask, axis=1, dtype=jnp.int32)
-        positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
-
-        cache = model.init_cache(batch, width + new_bucket)
-        logits, cache = model.forward_cached(ids, positions, cache, key_mask, last_only=True)
-        token, logprob = sample_tokens(jax.random.fold_in(key, 0), logits[:, -1], settings)
-        out = (
-            jnp.full((batch, new_bucket), pad_id, jnp.int32),
-            jnp.zeros((batch, new_bucket), jnp.float32),
-            jnp.zeros((batch,), jnp.int32),
-            jnp.zeros((batch,), bool),
-            jnp.zeros((batch,), bool),
-        )
-        out = record(0, token, logprob, out)
-
-        def cond(carry):
-            t, _, _, out = carry
-            return (t < max_new) & ~jnp.all(out[-1])
-
-        def body(carry):
-            t, cache, token, out = carry
-            # The token sampled at step t-1 sits at position prompt_len + t - 1.
-            logits, cache = model.forward_cached(token[:, None], (prompt_len + t - 1)[:, None], cache, key_mask)
-            token, logprob = sample_tokens(jax.random.fold_in(key, t), logits[:, 0], settings)
-            return t + 1, cache, token, record(t, token, logprob, out)
-
-        _, _, _, out = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, token, out))
-        return out[:4]
-
-    return jax.jit(run)
+def prepare_prompts(
+    config: Any,
+    prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array,
+    prompt_mask: np.ndarray | jax.Array | None,
+    *,
+    eos_id: int | Sequence[int] | None,
+    stop_ids: Sequence[int],
+    pad_id: int | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Validate and left-pad prompts for `sample`: (ids [B, bucket], mask, stop-id block, pad id)."""
+    if pad_id is None:
+        pad_id = 0 if getattr(config, "pad_token_id", None) is None else int(config.pad_token_id)
+    eos_ids = () if eos_id is None else (eos_id,) if np.ndim(eos_id) == 0 else tuple(eos_id)
+    stops = sorted({int(s) for s in (*stop_ids, *eos_ids)})
+    for s in stops:
+        if not 0 <= s < config.vocab_size:
+            raise ValueError(f"stop id {s} outside the vocabulary [0, {config.vocab_size})")
+    ids, mask = _left_pad(_prompt_rows(prompts, prompt_mask), config.vocab_size, pad_id)
+    return ids, mask, _stop_block(stops), pad_id
 
 
 def generate(
@@ -258,21 +303,13 @@ def generate(
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    config = model.config
-    if pad_id is None:
-        pad_id = 0 if getattr(config, "pad_token_id", None) is None else int(config.pad_token_id)
-    eos_ids = () if eos_id is None else (eos_id,) if np.ndim(eos_id) == 0 else tuple(eos_id)
-    stops = sorted({int(s) for s in (*stop_ids, *eos_ids)})
-    for s in stops:
-        if not 0 <= s < config.vocab_size:
-            raise ValueError(f"stop id {s} outside the vocabulary [0, {config.vocab_size})")
     settings = SamplingSettings(float(temperature), float(top_p), int(top_k))
-
-    ids, mask = _left_pad(_prompt_rows(prompts, prompt_mask), config.vocab_size, pad_id)
+    ids, mask, stops, pad_id = prepare_prompts(model.config, prompts, prompt_mask, eos_id=eos_id, stop_ids=stop_ids,
+                                               pad_id=pad_id)
     key = jax.random.key(seed) if rng is None else rng
     graphdef, state = nnx.split(model)
     run = _compiled_generate(graphdef, settings, bucket_length(max_new_tokens))
-    outputs = run(state, ids, mask, key, np.int32(max_new_tokens), _stop_block(stops), np.int32(pad_id))
+    outputs = run((state,), ids, mask, key, np.int32(max_new_tokens), stops, np.int32(pad_id))
     tokens, logprobs, lengths, finished = jax.device_get(outputs)
     return GenerationResult(
         tokens=tokens[:, :max_new_tokens],

@@ -1,8 +1,9 @@
 """`tulu-jax compile-check`: compile a stage's real train step for the TPU topology of a sharding file, from any
 host (libtpu describes the topology; no TPU needed), and report per-device memory against the chip's HBM.
 
-The step is the one the stage trains with (same builder), lowered with abstract inputs: the sharded TrainState
-and a [global batch, data.max_seq_len] batch on the topology's mesh. Running out of HBM is a compile-time error
+The step is the one the stage trains with: the registered stage's own setup (`Stage.aot`, the same path as its run,
+in abstract mode) gives the step and its abstract inputs — the sharded TrainState, a global batch and the frozen
+models — on the topology's mesh. Running out of HBM is a compile-time error
 on TPU, reported as "does NOT fit" with exit status 1, never as a stack trace; so is a sharded state whose
 arguments alone exceed the chip's HBM (found without compiling). `--show-shardings` lists the activation
 shardings the step was traced with; `--table` compiles the recipe configs on every pod file (memory_table.py).
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import importlib
 import math
 import sys
 import time
@@ -22,12 +22,7 @@ import jax
 import numpy as np
 
 from tulu_jax.errors import ConfigError
-from tulu_jax.models.activation_sharding import (
-    ConstraintRecord,
-    activation_sharding,
-    record_constraints,
-    with_activation_sharding,
-)
+from tulu_jax.models.activation_sharding import ConstraintRecord, activation_sharding, record_constraints
 from tulu_jax.sharding import (
     HBM_BYTES,
     HbmExhaustedError,
@@ -37,13 +32,10 @@ from tulu_jax.sharding import (
     memory_report,
     tpu_topology_mesh,
 )
-from tulu_jax.stages.common import load_stage_config, resolve_path
+from tulu_jax.stages.paths import resolve_path
+from tulu_jax.stages.registry import STAGES, get_stage
+from tulu_jax.stages.sections import load_stage_config
 
-# stage → (module, config class, function(config, mesh, spec) -> (jitted step, abstract args, summary line)).
-STAGES: dict[str, tuple[str, str, str]] = {
-    "sft": ("tulu_jax.stages.sft", "SFTConfig", "aot_train_step"),
-    "dpo": ("tulu_jax.stages.dpo", "DPOConfig", "aot_train_step"),
-}
 _GIB = 1024**3
 
 
@@ -66,12 +58,12 @@ class CompileCheckResult:
 
 
 def infer_stage(config_path: str, overrides: tuple[str, ...] = ()) -> str:
-    """The stage whose config class loads `config_path` with `overrides` (each stage's config has its own keys: a
-    DPO config has `dpo:`, an SFT config `train.loss_reduction`); a ConfigError when none or several do."""
+    """The registered stage whose config class loads `config_path` with `overrides` (each stage's config has its own
+    keys: a DPO config has `dpo:`, an SFT config `train.loss_reduction`); a ConfigError when none or several do."""
     loads, errors = [], []
-    for name, (module_name, config_name, _) in STAGES.items():
+    for name in STAGES:
         try:
-            load_stage_config(getattr(importlib.import_module(module_name), config_name), config_path, overrides)
+            load_stage_config(get_stage(name).config_class, config_path, overrides)
         except ConfigError as e:
             errors.append(f"as {name}: {e}")
         else:
@@ -97,18 +89,16 @@ def _compiled_flops(compiled: Any) -> float | None:
 
 def _build_step(stage: str, config_path: str, sharding_path: str, overrides: tuple[str, ...],
                 mesh_of: Any = tpu_topology_mesh) -> tuple[Any, tuple[Any, ...], str, Any, Any]:
-    """(jitted step, abstract args, summary, mesh, spec) of `stage` for the config on `mesh_of(spec)`."""
-    if stage not in STAGES:
-        raise ConfigError(f"compile-check: unknown stage {stage!r}; known: {', '.join(STAGES)}")
-    module_name, config_name, builder_name = STAGES[stage]
-    module = importlib.import_module(module_name)
-    config = load_stage_config(getattr(module, config_name), config_path, overrides)
+    """(jitted step under its activation constraints, abstract args, summary, mesh, spec) of registered `stage` for
+    the config on `mesh_of(spec)`, through the stage's own abstract setup (`Stage.aot`)."""
+    registered = get_stage(stage)
+    config = load_stage_config(registered.config_class, config_path, overrides)
     resolved = resolve_path(sharding_path)
     if not resolved.is_file():
         raise ConfigError(f"{sharding_path}: sharding file not found")
     spec = load_sharding(resolved)
     mesh = mesh_of(spec)
-    step, args, summary = getattr(module, builder_name)(config, mesh, spec)
+    step, args, summary = registered.aot(config, (spec, mesh))
     return step, args, summary, mesh, spec
 
 
@@ -137,7 +127,6 @@ def compile_check(
     sharding file's TPU topology."""
     stage = infer_stage(config_path, overrides) if stage is None else stage
     step, args, summary, mesh, spec = _build_step(stage, config_path, sharding_path, overrides)
-    step = with_activation_sharding(step, mesh, spec)
     hbm = HBM_BYTES.get(mesh.devices.flat[0].device_kind)
     arguments = per_device_bytes(args)
     if hbm is not None and arguments > hbm:

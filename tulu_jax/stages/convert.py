@@ -22,7 +22,7 @@ from flax import nnx
 from tulu_jax.errors import CheckpointError, ConfigError
 from tulu_jax.models.config import ModelConfig
 from tulu_jax.models.decoder import Decoder
-from tulu_jax.stages.common import model_config_dict
+from tulu_jax.stages.run_dir import model_config_dict
 
 MODEL_CONFIG_FILE = "model_config.json"
 

@@ -5,13 +5,13 @@ Rows are in the RLVR format `{"messages": [prompt turns], "ground_truth": ..., "
 
 1. `load_eval_rows`: validate every row up front (messages, a known dataset, a ground truth its verifier accepts);
    a bad row raises DataError naming file/row/field, or with `on_error="skip"` is skipped and counted.
-2. `generate_completions`: render each prompt with the chat template's generation prompt, generate in fixed-size
-   batches with the KV-cache sampler (stopping at EOS), decode.
+2. `tulu_jax.rl.completions.generate_completions`: render each prompt with the chat template's generation prompt,
+   generate in fixed-size batches with the KV-cache sampler (stopping at EOS), decode.
 3. `score_completions`: verifier rewards in parallel worker processes under a time limit (`score_batch`); accuracy
    per dataset = the fraction of examples with reward 1 (for IFEval's instruction lists: every instruction followed).
 4. One JSONL record per example (`EvalRecord`) to `out_path`.
 
-This module imports JAX only inside the functions that generate, so that `tulu-jax` can build its argument parser
+This module imports JAX only inside functions, so that `tulu-jax` can build its argument parser
 (`add_arguments`) before a command picks the JAX platform.
 """
 
@@ -28,9 +28,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from tulu_jax.data.rows import OnError, Row, RowStats, iter_rows, validate_messages, validated_rows
-from tulu_jax.data.sft import tokenize_prompt
-from tulu_jax.data.templates import NAMED_TEMPLATES, apply_chat_template
+from tulu_jax.data.templates import NAMED_TEMPLATES
 from tulu_jax.errors import DataError
+from tulu_jax.rl.completions import Completion, generate_completions, stop_token_ids
 from tulu_jax.rl.verifiers import DEFAULT_TIMEOUT_S, extract_answer, score_batch
 from tulu_jax.rl.verifiers.registry import get_verifier
 
@@ -103,18 +103,6 @@ def load_eval_rows(
 
 
 # --------------------------------------------------------------------------------------------------- results
-
-
-@dataclasses.dataclass(frozen=True)
-class Completion:
-    """What the model did with one prompt: the rendered prompt, the decoded response (without its stop token),
-    whether a stop token ended it, generated tokens (stop token included) and prompt tokens."""
-
-    prompt: str
-    response: str
-    finished_with_eos: bool
-    num_tokens: int
-    num_prompt_tokens: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,78 +235,7 @@ def write_records(records: Iterable[EvalRecord], path: str | os.PathLike[str]) -
             f.write(json.dumps(dataclasses.asdict(record), ensure_ascii=False) + "\n")
 
 
-# --------------------------------------------------------------------------------------------------- generation
-
-
-def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: Decoder, extra: Iterable[int] = ()) -> list[int]:
-    """Where a response ends: the tokenizer's EOS, the model config's EOS ids and `extra`."""
-    ids = set(model.config.eos_token_ids) | {int(i) for i in extra}
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    if not ids:
-        raise ValueError("no stop token: neither the tokenizer nor the model config has an EOS id; pass stop_ids")
-    return sorted(ids)
-
-
-def generate_completions(
-    model: Decoder,
-    tokenizer: PreTrainedTokenizerBase,
-    rows: Sequence[Row],
-    *,
-    chat_template: str = "tulu",
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    batch_size: int = 8,
-    seed: int = 0,
-    stop_ids: Iterable[int] = (),
-    progress: bool = False,
-) -> list[Completion]:
-    """Render each row's messages with the generation prompt, generate in batches of `batch_size` and decode.
-
-    Every batch has the same size (the last one is filled with copies of its first prompt, whose outputs are
-    dropped), so a run compiles one program per prompt-length bucket. Batch i samples with key
-    fold_in(key(seed), i). Responses are decoded without their stop token and without special tokens.
-    """
-    import jax
-
-    from tulu_jax.models.sampler import generate
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    stops = stop_token_ids(tokenizer, model, stop_ids)
-    texts = [apply_chat_template(r.data["messages"], tokenizer, template=chat_template, add_generation_prompt=True)
-             for r in rows]
-    prompts = [tokenize_prompt(r.data["messages"], tokenizer, template=chat_template).tolist() for r in rows]
-    key = jax.random.key(seed)
-    completions: list[Completion] = []
-    for batch_index, start in enumerate(range(0, len(prompts), batch_size)):
-        batch = prompts[start:start + batch_size]
-        result = generate(
-            model,
-            batch + [batch[0]] * (batch_size - len(batch)),
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            stop_ids=stops,
-            pad_id=tokenizer.pad_token_id,
-            rng=jax.random.fold_in(key, batch_index),
-        )
-        for i, prompt in enumerate(batch):
-            length, finished = int(result.lengths[i]), bool(result.finished_eos[i])
-            response_ids = result.tokens[i, :length - 1 if finished else length].tolist()
-            completions.append(Completion(
-                prompt=texts[start + i],
-                response=tokenizer.decode(response_ids, skip_special_tokens=True),
-                finished_with_eos=finished,
-                num_tokens=length,
-                num_prompt_tokens=len(prompt),
-            ))
-        if progress:
-            print(f"tulu-jax eval: generated {len(completions)}/{len(prompts)}", file=sys.stderr, flush=True)
-    return completions
+# --------------------------------------------------------------------------------------------------- evaluate
 
 
 def evaluate(
@@ -379,7 +296,7 @@ def load_eval_model(model_dir: str | os.PathLike[str], sharding: str | None = No
 
     from tulu_jax.models.config import load_hf_config
     from tulu_jax.models.decoder import Decoder
-    from tulu_jax.stages.common import setup_mesh, variable_shardings
+    from tulu_jax.stages.setup import setup_mesh, variable_shardings
 
     spec, mesh = setup_mesh(sharding)
     fields = {} if dtype is None else {"param_dtype": dtype, "compute_dtype": dtype}
@@ -424,7 +341,9 @@ def default_out_path(model_dir: str | os.PathLike[str], data: str | os.PathLike[
 def main(args: argparse.Namespace) -> int:
     """`tulu-jax eval`: load the model and tokenizer, evaluate, print the per-dataset table, write the JSONL."""
     from tulu_jax.data.tokenizers import check_vocabulary
-    from tulu_jax.stages.common import ModelSection, TokenizerSection, load_stage_tokenizer, resolve_path
+    from tulu_jax.stages.paths import resolve_path
+    from tulu_jax.stages.sections import ModelSection, TokenizerSection
+    from tulu_jax.stages.setup import load_stage_tokenizer
 
     data = resolve_path(args.data)
     model = load_eval_model(os.fspath(resolve_path(args.model)), args.sharding, args.dtype)

@@ -19,7 +19,8 @@ writes `<stage>/eval.jsonl`. The summary table is computed from those files; `su
 A stage is finished when its `<stage>/stage.json` exists (written last). `--resume` skips finished stages, and the
 stage that was cut off resumes from its latest checkpoint; without `--resume` a run directory that holds a finished
 stage or a checkpoint is refused, and with it a changed config is refused unless `--allow-config-change`
-(`tulu_jax.stages.resume`). A new stage is a function registered in STAGES (RLVR joins this way).
+(`tulu_jax.stages.resume`). STEPS composes the pipeline: a step runs a training stage of `tulu_jax.stages.registry`
+on a data file of the world (RLVR joins this way), or is a function of the run (the preferences step).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import functools
 import json
 import pathlib
 import sys
@@ -39,9 +39,10 @@ import yaml
 
 from tulu_jax.config import dump_config, from_dict, load_config
 from tulu_jax.errors import ConfigError, DataError
-from tulu_jax.stages.common import ModelSection
 from tulu_jax.stages.paths import resolve_path
+from tulu_jax.stages.registry import get_stage
 from tulu_jax.stages.resume import check_resume, checkpoint_steps
+from tulu_jax.stages.sections import ModelSection
 from tulu_jax.stages.summary import (
     EVAL_FILE,
     METRICS_FILE,
@@ -116,9 +117,9 @@ class PipelineConfig:
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
 
     def __post_init__(self) -> None:
-        unknown = [s for s in self.stages if s not in STAGES]
+        unknown = [s for s in self.stages if s not in STEPS]
         if unknown:
-            raise ValueError(f"'stages': unknown stage(s) {unknown}; known: {', '.join(STAGES)}")
+            raise ValueError(f"'stages': unknown stage(s) {unknown}; known: {', '.join(STEPS)}")
         if len(set(self.stages)) != len(self.stages):
             raise ValueError(f"'stages' repeats a stage: {self.stages}")
 
@@ -130,7 +131,7 @@ def load_pipeline_config(path: str, overrides: tuple[str, ...] = ()) -> Pipeline
         raise ConfigError(f"{path}: config file not found")
     config = load_config(PipelineConfig, resolved, overrides)
     for name in config.stages:
-        if STAGES[name].config_class is not None:
+        if STEPS[name].stage is not None:
             stage_config(config, name, pathlib.Path(config.run_dir), model_path=None, source=str(path))
     return config
 
@@ -151,7 +152,7 @@ def stage_config(
     """The full config of training stage `stage`: its section of the pipeline config plus what the pipeline sets
     (model: `model_path`'s HF export, else the base shape; tokenizer; data sources; run dir; seeds). A bad key is a
     ConfigError naming `source` (the config file) and the stage."""
-    spec = STAGES[stage]
+    spec = STEPS[stage]
     section = copy.deepcopy(getattr(config, stage))
     _check_owned(section, stage, source)
     model = dump_config(config.model) if model_path is None else {"path": model_path}
@@ -174,7 +175,7 @@ def stage_config(
         "output": output,
         **section,
     }
-    return from_dict(spec.config_class, full, source=f"{source} ({stage})")
+    return from_dict(get_stage(spec.stage).config_class, full, source=f"{source} ({stage})")
 
 
 # --------------------------------------------------------------------------------------------------- world
@@ -257,23 +258,24 @@ class StageOutput:
 
 
 @dataclasses.dataclass(frozen=True)
-class Stage:
-    """A pipeline stage: `run(ctx) -> StageOutput`; a training stage also names its config class, its data file
-    under run_dir/data and that file's format."""
+class PipelineStep:
+    """A step of the pipeline: a training stage of the registry (`stage`, e.g. "sft") run on `data_file` under
+    run_dir/data in `data_format`, or a function of the run (`run`, e.g. on-policy preferences)."""
 
-    run: Callable[[StageContext], StageOutput]
-    config_class: type | None = None
+    stage: str | None = None
     data_file: str = ""
     data_format: str | None = None
+    run: Callable[[StageContext], StageOutput] | None = None
 
-
-def _train(name: str, runner: Callable[..., Any], ctx: StageContext) -> StageOutput:
-    """Run training stage `name` (`runner(config, sharding, devices=...)`, e.g. run_sft) from the latest model."""
-    model_path = None if ctx.model_dir is None else str(ctx.model_dir)
-    config = stage_config(ctx.config, name, ctx.run_dir, model_path)
-    config.output.resume, config.output.allow_config_change = ctx.resume, ctx.allow_config_change
-    runner(config, ctx.sharding, devices=ctx.devices)
-    return StageOutput(ctx.stage_dir(name) / "hf", training_info(ctx.stage_dir(name) / METRICS_FILE))
+    def __call__(self, name: str, ctx: StageContext) -> StageOutput:
+        """Run step `name`: the registered stage from the latest model, or the function."""
+        if self.run is not None:
+            return self.run(ctx)
+        model_path = None if ctx.model_dir is None else str(ctx.model_dir)
+        config = stage_config(ctx.config, name, ctx.run_dir, model_path)
+        config.output.resume, config.output.allow_config_change = ctx.resume, ctx.allow_config_change
+        get_stage(self.stage).run(config, ctx.sharding, devices=ctx.devices)
+        return StageOutput(ctx.stage_dir(name) / "hf", training_info(ctx.stage_dir(name) / METRICS_FILE))
 
 
 def _preferences(ctx: StageContext) -> StageOutput:
@@ -283,7 +285,8 @@ def _preferences(ctx: StageContext) -> StageOutput:
     from tulu_jax.data.tokenizers import load_tokenizer
     from tulu_jax.models.hf_io import load_hf_checkpoint
     from tulu_jax.rl.verifiers import verify
-    from tulu_jax.stages.eval import generate_completions, load_eval_rows
+    from tulu_jax.rl.completions import generate_completions
+    from tulu_jax.stages.eval import load_eval_rows
 
     if ctx.model_dir is None:
         raise ConfigError("the preferences stage needs a model: put a training stage before it in 'stages'")
@@ -331,22 +334,12 @@ def _preferences(ctx: StageContext) -> StageOutput:
     return StageOutput(ctx.model_dir, info)
 
 
-STAGES: dict[str, Stage] = {}
-
-
-def register_stage(name: str, stage: Stage) -> None:
-    """Add a stage (e.g. RLVR) that `stages:` can name."""
-    STAGES[name] = stage
-
-
-def _register_builtin() -> None:
-    from tulu_jax.stages.dpo import DPOConfig, run_dpo
-    from tulu_jax.stages.sft import SFTConfig, run_sft
-
-    register_stage("base", Stage(functools.partial(_train, "base", run_sft), SFTConfig, "pretrain.jsonl", "text"))
-    register_stage("sft", Stage(functools.partial(_train, "sft", run_sft), SFTConfig, "sft.jsonl", "chat"))
-    register_stage("preferences", Stage(_preferences))
-    register_stage("dpo", Stage(functools.partial(_train, "dpo", run_dpo), DPOConfig, "preferences.jsonl"))
+STEPS: dict[str, PipelineStep] = {
+    "base": PipelineStep("sft", "pretrain.jsonl", "text"),
+    "sft": PipelineStep("sft", "sft.jsonl", "chat"),
+    "preferences": PipelineStep(run=_preferences),
+    "dpo": PipelineStep("dpo", "preferences.jsonl"),
+}
 
 
 # --------------------------------------------------------------------------------------------------- run
@@ -394,7 +387,7 @@ def run_pipeline(
         print(f"tulu-jax pipeline: {name} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
         ctx = StageContext(config, run_dir, sharding, model_dir, devices, resume, allow_config_change)
-        output = STAGES[name].run(ctx)
+        output = STEPS[name](name, ctx)
         made_model = output.model_dir is not None and output.model_dir != model_dir
         if made_model:
             evaluate_stage(ctx, name, output.model_dir)
@@ -416,5 +409,3 @@ def main(args: argparse.Namespace) -> int:
     run_pipeline(config, args.sharding, resume=args.resume, allow_config_change=args.allow_config_change)
     return 0
 
-
-_register_builtin()

@@ -5,9 +5,9 @@ Two ways, giving the same numbers (docs/recipe.md, DPO):
   run directory as `reference_logps.npz` (chosen, rejected float32 [N], by pair index) plus `reference_logps.json`
   (the fingerprint). A resumed run reuses it; a run whose model, data or settings changed is refused with an error
   naming what changed (`load_or_compute_reference`).
-- live: the frozen reference parameters stay on the mesh and `LiveReference` scores each global batch right before
-  the train step.
-Either way the train step reads `ref_chosen_logps` / `ref_rejected_logps` [B] from the batch.
+- live: the frozen reference parameters stay on the mesh and are an argument of the train step
+  (`frozen["reference"]`), which scores each micro-batch with `pair_sequence_logps` (`tulu_jax.stages.dpo`).
+Cached, the train step reads `ref_chosen_logps` / `ref_rejected_logps` [B] from the batch.
 
 The fingerprint: a checksum of the reference parameters computed on device (`params_fingerprint`; the same for a
 model loaded from HF or initialized from scratch, whatever the mesh), the model config (all but `remat`), a hash of
@@ -36,21 +36,16 @@ from tulu_jax.data.preference_batching import PAIR_INDEX, REF_KEYS, PairLogps
 from tulu_jax.errors import CheckpointError
 from tulu_jax.losses import sequence_logps
 from tulu_jax.train.integrity import array_checksums
+from tulu_jax.train.batches import Batch, PairBatch
 from tulu_jax.train.step import split_micro_batches
 
 PyTree = Any
 CACHE_ARRAYS = "reference_logps.npz"
 CACHE_FINGERPRINT = "reference_logps.json"
-_SIDE_KEYS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask")
-
-
-def side_keys() -> tuple[str, ...]:
-    """The [B, T] keys of a pair batch that the forward reads (both sides)."""
-    return tuple(f"{side}_{key}" for side in SIDES for key in _SIDE_KEYS)
 
 
 def pair_sequence_logps(
-    model: nnx.Module, batch: Mapping[str, jax.Array], *, average: bool, concat_forward: bool
+    model: nnx.Module, batch: PairBatch, *, average: bool, concat_forward: bool
 ) -> tuple[jax.Array, jax.Array]:
     """Sequence log-probs (sum, or mean when `average`, over response tokens) of the chosen and rejected sides, [B].
 
@@ -58,18 +53,18 @@ def pair_sequence_logps(
     each device keeps its own rows and no data moves); else two forwards (less activation memory, same numbers).
     """
 
-    def score(ids: jax.Array, positions: jax.Array, segments: jax.Array, targets: jax.Array, mask: jax.Array):
-        logps = model.token_logps(ids, targets, positions=positions, segment_ids=segments)
-        return sequence_logps(logps, mask, average=average)
+    def score(side: Batch) -> jax.Array:
+        logps = model.token_logps(side.input_ids, side.targets, positions=side.positions, segment_ids=side.segment_ids)
+        return sequence_logps(logps, side.loss_mask, average=average)
 
     if not concat_forward:
-        return tuple(score(*(batch[f"{side}_{key}"] for key in _SIDE_KEYS)) for side in SIDES)  # type: ignore
+        return score(batch.chosen), score(batch.rejected)
 
-    def both(key: str) -> jax.Array:
-        stacked = jnp.stack([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], axis=1)  # [B, 2, T]
+    def both(chosen: jax.Array, rejected: jax.Array) -> jax.Array:
+        stacked = jnp.stack([chosen, rejected], axis=1)  # [B, 2, T]
         return stacked.reshape(-1, stacked.shape[-1])
 
-    logps = score(*(both(key) for key in _SIDE_KEYS)).reshape(-1, 2)
+    logps = score(jax.tree.map(both, batch.chosen, batch.rejected)).reshape(-1, 2)
     return logps[:, 0], logps[:, 1]
 
 
@@ -81,21 +76,21 @@ def build_reference_fn(
     micro_batches: int = 1,
     batch_sharding: NamedSharding | None = None,
     out_sharding: jax.sharding.Sharding | None = None,
-) -> Callable[[nnx.State, nnx.State, Mapping[str, jax.Array]], dict[str, jax.Array]]:
-    """A jitted no-grad `(params, model_state, batch) -> {pair_index, ref_chosen_logps, ref_rejected_logps}` ([B]).
+) -> Callable[[nnx.State, nnx.State, PairBatch], dict[str, jax.Array]]:
+    """A jitted no-grad `(params, model_state, pair batch) -> {pair_index, ref_chosen_logps, ref_rejected_logps}` ([B]).
 
     micro_batches: the batch is scored in that many strided micro-batches (rows i, i+A, ...: the train step's
     split), one after the other, to bound activation memory; results are put back in batch order.
     out_sharding: of the [B] outputs (e.g. replicated, so that every process can read the whole batch's values).
     """
 
-    def forward(params: nnx.State, model_state: nnx.State, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, ...]:
+    def forward(params: nnx.State, model_state: nnx.State, batch: PairBatch) -> tuple[jax.Array, ...]:
         model = nnx.merge(graphdef, params, model_state)
         return pair_sequence_logps(model, batch, average=average, concat_forward=concat_forward)
 
-    def fn(params: nnx.State, model_state: nnx.State, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    def fn(params: nnx.State, model_state: nnx.State, batch: PairBatch) -> dict[str, jax.Array]:
         params = jax.lax.stop_gradient(params)
-        inputs = {key: batch[key] for key in side_keys()}
+        inputs = PairBatch(batch.chosen, batch.rejected, batch.index)  # the two sides (and the index)
         if micro_batches == 1:
             chosen, rejected = forward(params, model_state, inputs)
         else:
@@ -103,23 +98,23 @@ def build_reference_fn(
             chosen, rejected = jax.lax.map(lambda micro: forward(params, model_state, micro), split)
             # [A, B/A] with micro-batch i holding rows i, i+A, ... → [B] in row order.
             chosen, rejected = chosen.T.reshape(-1), rejected.T.reshape(-1)
-        return {PAIR_INDEX: batch[PAIR_INDEX], REF_KEYS[0]: chosen, REF_KEYS[1]: rejected}
+        return {PAIR_INDEX: batch.index, REF_KEYS[0]: chosen, REF_KEYS[1]: rejected}
 
     return jax.jit(fn, out_shardings=out_sharding)
 
 
 def compute_reference_logps(
-    reference_fn: Callable[[nnx.State, nnx.State, Mapping[str, jax.Array]], dict[str, jax.Array]],
+    reference_fn: Callable[[nnx.State, nnx.State, PairBatch], dict[str, jax.Array]],
     params: nnx.State,
     model_state: nnx.State,
     batches: Iterable[Mapping[str, np.ndarray]],
     num_pairs: int,
-    prepare_batch: Callable[[Mapping[str, np.ndarray]], Mapping[str, jax.Array]] = lambda batch: batch,
+    prepare_batch: Callable[[Mapping[str, np.ndarray]], PairBatch] = PairBatch.from_host,
 ) -> PairLogps:
     """Score every pair once: the table of reference log-probs by pair index.
 
-    `batches` are host batches covering every pair (e.g. one unshuffled epoch); `prepare_batch` makes them global
-    arrays; `reference_fn` (from `build_reference_fn`) must return values every process can read (replicated).
+    `batches` are host batches covering every pair (e.g. one unshuffled epoch); `prepare_batch` makes them typed
+    global arrays; `reference_fn` (from `build_reference_fn`) must return values every process can read (replicated).
     """
     pending = [reference_fn(params, model_state, prepare_batch(batch)) for batch in batches]  # dispatched async
     chosen, rejected = np.full(num_pairs, np.nan, np.float32), np.full(num_pairs, np.nan, np.float32)
@@ -132,23 +127,6 @@ def compute_reference_logps(
     if missing.size:
         raise ValueError(f"the reference pass did not score {missing.size} pairs (e.g. pair {missing[0]})")
     return PairLogps(chosen, rejected)
-
-
-class LiveReference:
-    """A frozen reference model on the mesh that adds `ref_*_logps` to each global batch (live mode).
-
-    params/model_state are copied, so the train step may donate the policy's buffers.
-    """
-
-    def __init__(self, params: nnx.State, model_state: nnx.State, reference_fn: Callable[..., dict[str, jax.Array]]):
-        self.params = jax.tree.map(jnp.copy, params)
-        self.model_state = jax.tree.map(jnp.copy, model_state)
-        self._fn = reference_fn
-
-    def __call__(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-        """The batch with the reference log-probs of its pairs added."""
-        out = self._fn(self.params, self.model_state, batch)
-        return {**batch, REF_KEYS[0]: out[REF_KEYS[0]], REF_KEYS[1]: out[REF_KEYS[1]]}
 
 
 # --------------------------------------------------------------------------------------------------- fingerprint

@@ -22,41 +22,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from tulu_jax.errors import ConfigError, DataError
 from tulu_jax.losses import count_sequences, sft_loss_from_logps
 from tulu_jax.losses.sft import Reduction
-from tulu_jax.models.activation_sharding import with_activation_sharding
-from tulu_jax.stages.common import (
+from tulu_jax.sharding import ShardingSpec, batch_sharding
+from tulu_jax.stages.sections import (
     DataSection,
-    GlobalBatcher,
     ModelSection,
     OptimSection,
     OutputSection,
     TokenizerSection,
     TrainSection,
-    check_run_dir,
-    init_stage_state,
-    load_stage_config,
-    load_stage_tokenizer,
-    make_stage_optimizer,
-    micro_batches_text,
-    num_train_steps,
-    resolve_grad_accum,
-    resolve_model_config,
-    setup_mesh,
-    train_and_export,
 )
-from tulu_jax.train import TrainState, build_train_step, shardings_of
+from tulu_jax.stages.setup import batch_shards, micro_batches_text, num_train_steps
+from tulu_jax.stages.training import StageData, StageSetup, TrainingStage
+from tulu_jax.train import Step, TrainState, build_train_step, shardings_of
+from tulu_jax.train.batcher import Batcher
+from tulu_jax.train.batches import Batch
 
-# The batch contract (docs/ARCHITECTURE.md, "Batches"): every key is [B, T].
-BATCH_DTYPES: dict[str, Any] = {
-    "input_ids": jnp.int32,
-    "positions": jnp.int32,
-    "segment_ids": jnp.int32,
-    "targets": jnp.int32,
-    "loss_mask": jnp.bool_,
-}
 # An SFT row's token count before truncation is only needed to count truncated rows.
 _NO_TRUNCATION = sys.maxsize
 
@@ -80,7 +65,7 @@ class SFTTrainSection(TrainSection):
 
 @dataclasses.dataclass
 class SFTConfig:
-    """A full SFT run: model, tokenizer, data, optimizer, steps and outputs (see `tulu_jax.stages.common`)."""
+    """A full SFT run: model, tokenizer, data, optimizer, steps and outputs (see `tulu_jax.stages.sections`)."""
 
     model: ModelSection
     tokenizer: TokenizerSection = dataclasses.field(default_factory=TokenizerSection)
@@ -198,28 +183,29 @@ def prepare_sft_data(
 # --------------------------------------------------------------------------------------------------- loss/step
 
 
-def sft_denominators(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+def sft_denominators(batch: Batch) -> dict[str, jax.Array]:
     """The global batch's sequence count (Σ_rows max segment id) and supervised-token count."""
     return {
-        "num_sequences": count_sequences(batch["segment_ids"]),
-        "num_tokens": jnp.sum(batch["loss_mask"], dtype=jnp.int32),
+        "num_sequences": count_sequences(batch.segment_ids),
+        "num_tokens": jnp.sum(batch.loss_mask, dtype=jnp.int32),
     }
 
 
 def sft_loss_fn(reduction: Reduction, num_micro_batches: int = 1) -> Any:
-    """`loss_fn(model, batch, denominators) -> (loss, aux)` on the batch contract (padded or packed).
+    """`loss_fn(model, batch, denominators, frozen) -> (loss, aux)` on the batch contract (padded or packed); SFT
+    reads no frozen model.
 
     `num_micro_batches`: how many micro-batches the step splits a global batch into (for `mean_per_micro_batch`).
 
     aux (summed over micro-batches): nll_sum, supervised_tokens, tokens (non-padding tokens).
     """
 
-    def loss_fn(model: nnx.Module, batch: Mapping[str, jax.Array], den: Mapping[str, jax.Array]):
-        logps = model.token_logps(batch["input_ids"], batch["targets"], positions=batch["positions"],
-                                  segment_ids=batch["segment_ids"])
+    def loss_fn(model: nnx.Module, batch: Batch, den: Mapping[str, jax.Array], frozen: Any = None):
+        logps = model.token_logps(batch.input_ids, batch.targets, positions=batch.positions,
+                                  segment_ids=batch.segment_ids)
         loss, metrics = sft_loss_from_logps(
             logps,
-            batch["loss_mask"],
+            batch.loss_mask,
             reduction=reduction,
             num_sequences=den["num_sequences"],
             num_tokens=den["num_tokens"],
@@ -228,7 +214,7 @@ def sft_loss_fn(reduction: Reduction, num_micro_batches: int = 1) -> Any:
         aux = {
             "nll_sum": metrics["nll_sum"],
             "supervised_tokens": metrics["supervised_tokens"],
-            "tokens": jnp.sum(batch["segment_ids"] > 0, dtype=jnp.int32),
+            "tokens": jnp.sum(batch.segment_ids > 0, dtype=jnp.int32),
         }
         return loss, aux
 
@@ -243,8 +229,8 @@ def build_sft_step(
     batch_sharding: jax.sharding.Sharding,
     reduction: Reduction = "sum",
     grad_accum_steps: int = 1,
-) -> Any:
-    """The jitted SFT train step `(state, batch) -> (state, metrics)` (also used by compile-check for AOT)."""
+) -> Step:
+    """The jitted SFT train step `(state, batch, frozen=None) -> (state, metrics)` (run and AOT compile)."""
     return build_train_step(
         graphdef,
         sft_loss_fn(reduction, grad_accum_steps),
@@ -256,104 +242,67 @@ def build_sft_step(
     )
 
 
-# --------------------------------------------------------------------------------------------------- run
+# --------------------------------------------------------------------------------------------------- stage
 
 
-def run_sft(config: SFTConfig, sharding_path: str, *, devices: Sequence[Any] | None = None) -> TrainState:
-    """Run SFT end to end (resuming from run_dir's latest checkpoint if any); returns the final TrainState.
+class SFTStage(TrainingStage):
+    """SFT as a registered stage (`tulu_jax.stages.registry`): the data of `prepare_sft_data`, padded or packed
+    batches (`train.batches.Batch`), the step of `build_sft_step`; no frozen model."""
 
-    Errors in the config, the sharding file or the data surface before anything is compiled.
-    """
-    from tulu_jax.data.pipeline import PipelineConfig, batch_dataset, batch_iterator
+    name = "sft"
+    config_class = SFTConfig
 
-    spec, mesh = setup_mesh(sharding_path, devices)
-    check_run_dir(config)
-    tokenizer = load_stage_tokenizer(config.tokenizer, config.model)
-    model_config = resolve_model_config(config.model, tokenizer)
-    accum = resolve_grad_accum(config.train, mesh, spec)
-    rows, report = prepare_sft_data(config.data, tokenizer, tokenizer.chat_template)
-    print(report.summary(), file=sys.stderr)
-    if len(rows) == 0:  # name the files; the report above says what became of their rows
-        sources = ", ".join(source.path for source in config.data.sources)
-        raise ConfigError(f"no rows to train on in {sources} (every row was skipped or left nothing to train on)")
+    def load_data(self, config: SFTConfig, tokenizer: Any, spec: ShardingSpec, mesh: Mesh) -> StageData:
+        """Mix, validate and tokenize `data.sources` (the counts go to the log and data_report.json)."""
+        from tulu_jax.data.pipeline import batch_dataset
 
-    pipeline = PipelineConfig(
-        seq_len=config.data.max_seq_len,
-        global_batch_size=config.train.global_batch_size,
-        packed=config.data.packing,
-        seed=config.data.seed,
-        num_epochs=config.train.epochs,
-        shuffle=config.data.shuffle,
-    )
-    dataset = batch_dataset(rows, pipeline, source_name="the tokenized SFT mixture")
-    num_steps = num_train_steps(len(dataset), config.train)
-    optimizer = make_stage_optimizer(config.optim, num_steps)
-    state = init_stage_state(config.model, model_config, optimizer, mesh, spec, config.train.seed)
-    batcher = GlobalBatcher(mesh, spec, config.train.global_batch_size)
-    step = build_sft_step(
-        state.graphdef,
-        optimizer,
-        state_shardings=shardings_of(state),
-        batch_sharding=batcher.sharding,
-        reduction=config.train.loss_reduction,
-        grad_accum_steps=accum,
-    )
-    step = with_activation_sharding(step, mesh, spec)
-    print(
-        f"tulu-jax sft: {num_steps} steps of {config.train.global_batch_size} sequences × {config.data.max_seq_len} "
-        f"tokens ({micro_batches_text(accum)}) on mesh {dict(mesh.shape)}",
-        file=sys.stderr,
-    )
-    return train_and_export(
-        state=state,
-        train_step=step,
-        batches=batch_iterator(dataset, pipeline),
-        num_steps=num_steps,
-        output=config.output,
-        config=config,
-        model_config=model_config,
-        prepare_batch=batcher,
-        tokenizer=tokenizer,
-        stage="sft",
-        run_files={"data_report.json": dataclasses.asdict(report)},
-    )
+        rows, report = prepare_sft_data(config.data, tokenizer, tokenizer.chat_template)
+        print(report.summary(), file=sys.stderr)
+        if len(rows) == 0:  # name the files; the report above says what became of their rows
+            sources = ", ".join(source.path for source in config.data.sources)
+            raise ConfigError(f"no rows to train on in {sources} (every row was skipped or left nothing to train on)")
+        dataset = batch_dataset(rows, self.pipeline_config(config), source_name="the tokenized SFT mixture")
+        return StageData(dataset, num_train_steps(len(dataset), config.train),
+                         {"data_report.json": dataclasses.asdict(report)})
 
+    def batch_shardings(self, setup: StageSetup) -> jax.sharding.Sharding:
+        """Every field of an SFT batch is [B, T]: one sharding."""
+        return batch_sharding(setup.mesh, setup.spec)
 
-def main(args: Any) -> int:
-    """`tulu-jax sft`: load the config (all checks first), then run; exit status 0 (also after SIGTERM)."""
-    config = load_stage_config(SFTConfig, args.config, args.overrides)
-    run_sft(config, args.sharding)
-    return 0
+    def abstract_batch(self, setup: StageSetup) -> Batch:
+        """[train.global_batch_size, data.max_seq_len] for every field."""
+        config = setup.config
+        return Batch.spec(config.train.global_batch_size, config.data.max_seq_len, self.batch_shardings(setup))
+
+    def build_step(self, setup: StageSetup) -> Step:
+        """`build_sft_step` with the setup's state, shardings and accumulation."""
+        return build_sft_step(
+            setup.state.graphdef,
+            setup.optimizer,
+            state_shardings=shardings_of(setup.state),
+            batch_sharding=self.batch_shardings(setup),
+            reduction=setup.config.train.loss_reduction,
+            grad_accum_steps=setup.grad_accum,
+        )
+
+    def batches(self, setup: StageSetup) -> tuple[Any, Batcher]:
+        """The grain iterator over the dataset (checkpointed with the run) and the Batcher placing its batches."""
+        from tulu_jax.data.pipeline import batch_iterator
+
+        config = setup.config
+        batcher = Batcher(self.batch_shardings(setup), config.train.global_batch_size, typed=Batch.from_host)
+        return batch_iterator(setup.data.dataset, self.pipeline_config(config)), batcher
+
+    def describe(self, setup: StageSetup) -> str:
+        """The global batch, the micro-batches per device, the model and its dtypes."""
+        config, model = setup.config, setup.model_config
+        per_device = config.train.global_batch_size // (setup.grad_accum * batch_shards(setup.mesh, setup.spec))
+        return (
+            f"sft step: global batch {config.train.global_batch_size} × {config.data.max_seq_len} tokens, "
+            f"{micro_batches_text(setup.grad_accum)} of {per_device} sequence(s) per device; "
+            f"model {model.architecture} hidden {model.hidden_size} × {model.num_layers} layers, "
+            f"params {model.param_dtype}, compute {model.compute_dtype}, remat {model.remat}"
+        )
 
 
-def aot_train_step(config: SFTConfig, mesh: jax.sharding.Mesh, spec: Any) -> tuple[Any, tuple[Any, Any], str]:
-    """The real SFT train step with abstract (sharded ShapeDtypeStruct) arguments on `mesh`, for AOT compilation.
-
-    The batch is [train.global_batch_size, data.max_seq_len]; the model comes from model.path's config.json or,
-    when that is absent, model.preset. Returns (jitted step, (abstract state, abstract batch), a one-line summary).
-    """
-    from tulu_jax.sharding import batch_sharding
-    from tulu_jax.stages.common import abstract_batch, abstract_stage_state, batch_shards
-
-    model_config = resolve_model_config(config.model, allow_preset_fallback=True)
-    accum = resolve_grad_accum(config.train, mesh, spec)
-    optimizer = make_stage_optimizer(config.optim, total_steps=1000)  # the schedule's length does not change shapes
-    state = abstract_stage_state(model_config, optimizer, mesh, spec)
-    sharding = batch_sharding(mesh, spec)
-    step = build_sft_step(
-        state.graphdef,
-        optimizer,
-        state_shardings=shardings_of(state),
-        batch_sharding=sharding,
-        reduction=config.train.loss_reduction,
-        grad_accum_steps=accum,
-    )
-    batch = abstract_batch(BATCH_DTYPES, config.train.global_batch_size, config.data.max_seq_len, sharding)
-    per_device = config.train.global_batch_size // (accum * batch_shards(mesh, spec))
-    summary = (
-        f"sft step: global batch {config.train.global_batch_size} × {config.data.max_seq_len} tokens, "
-        f"{micro_batches_text(accum)} of {per_device} sequence(s) per device; model {model_config.architecture} "
-        f"hidden {model_config.hidden_size} × {model_config.num_layers} layers, params {model_config.param_dtype}, "
-        f"compute {model_config.compute_dtype}, remat {model_config.remat}"
-    )
-    return step, (state, batch), summary
+STAGE = SFTStage()

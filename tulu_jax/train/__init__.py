@@ -1,6 +1,7 @@
 """Model-agnostic training machinery shared by the SFT, DPO and RLVR stages."""
 
 from tulu_jax.train.checkpoint import Checkpointer, Restored
+from tulu_jax.train.frozen import FrozenModel, freeze
 from tulu_jax.train.loop import StatefulIterator, batch_tokens, run_training
 from tulu_jax.train.metrics import MetricsWriter, ProgressBar
 from tulu_jax.train.optim import Optimizer, decay_mask, make_optimizer, make_schedule, warmup_steps
@@ -15,15 +16,17 @@ from tulu_jax.train.state import (
     train_state_shardings,
     with_shardings,
 )
-from tulu_jax.train.step import build_eval_step, build_train_step, split_micro_batches
+from tulu_jax.train.step import Step, build_eval_step, build_train_step, split_micro_batches
 
 __all__ = [
     "Checkpointer",
+    "FrozenModel",
     "MetricsWriter",
     "Optimizer",
     "ProgressBar",
     "Restored",
     "StatefulIterator",
+    "Step",
     "TrainState",
     "abstract_train_state",
     "batch_tokens",
@@ -32,6 +35,7 @@ __all__ = [
     "create_train_state",
     "decay_mask",
     "eval_shape_train_state",
+    "freeze",
     "init_train_state",
     "make_optimizer",
     "make_schedule",

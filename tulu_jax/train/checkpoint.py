@@ -37,10 +37,9 @@ from jax.experimental import multihost_utils
 
 from tulu_jax.errors import CheckpointError, CorruptCheckpointError, TrainingError
 from tulu_jax.finite import nonfinite_leaves
+from tulu_jax.pytree import path_name
 from tulu_jax.train.integrity import mismatched, tree_checksums
-from tulu_jax.train.state import TrainState, path_name
-
-_STATE_FIELDS = ("params", "model_state", "opt_state", "step", "rng")
+from tulu_jax.train.state import TrainState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +53,7 @@ class Restored:
 
 
 def _state_dict(state: TrainState) -> dict[str, Any]:
-    return {name: getattr(state, name) for name in _STATE_FIELDS}
+    return state.arrays()  # a TrainState, or a MultiTrainState of several
 
 
 def _encode_data_state(data_state: dict | bytes | None) -> dict[str, Any]:
@@ -278,7 +277,7 @@ class Checkpointer:
                 ),
             )
         self._verify(step, self._checksums_of(step, restored["integrity"]), restored["state"])
-        state = TrainState(graphdef=target.graphdef, **restored["state"])
+        state = target.with_arrays(restored["state"])
         return Restored(
             step=step,
             state=state,

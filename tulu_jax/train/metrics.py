@@ -1,4 +1,5 @@
-"""Per-step metrics: a JSONL file (one flushed JSON object per step), TensorBoard if installed, a progress bar."""
+"""Per-step metrics: a JSONL file (one flushed JSON object per step), TensorBoard if installed, a progress bar, and
+the step-time / tokens-per-second front (`ThroughputWriter`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import math
 import pathlib
 import sys
+import time
 from typing import Any, Mapping
 
 import jax
@@ -101,3 +103,47 @@ class ProgressBar:
     def close(self) -> None:
         """Close the bar."""
         self._bar.close()
+
+
+class ThroughputWriter:
+    """A MetricsWriter front that adds `step_time_s`, `tokens_per_s` and (for token-level losses, whose rows carry
+    `nll_sum` and `supervised_tokens`) `loss_per_token` to every step's row.
+
+    The loop fetches metrics in windows (every `log_every` steps, before a checkpoint, at the end), so the
+    wall time of a window is only known when it is fetched: every step of a window gets the window's mean step
+    time, and `tokens_per_s` = the step's `tokens` metric (non-padding tokens of the global batch) / that time.
+    The first window includes compilation. Wire it as `run_training(..., metrics_writer=w, on_step=w.on_step)`.
+    """
+
+    def __init__(self, writer: MetricsWriter | None):
+        self._writer = writer
+        self._dispatched = 0
+        self._window_end = -1
+        self._clock = time.perf_counter()
+        self._step_time = float("nan")
+
+    def on_step(self, step: int, state: Any, metrics: Mapping[str, jax.Array]) -> None:
+        """Record that `step` was dispatched (run_training's on_step hook)."""
+        self._dispatched = step
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Write one step's row; the first row of a new window measures the window."""
+        if step > self._window_end:
+            now = time.perf_counter()
+            self._window_end = max(self._dispatched, step)
+            self._step_time = (now - self._clock) / (self._window_end - step + 1)
+            self._clock = now
+        if self._writer is None:
+            return
+        row = dict(jax.device_get(dict(metrics)))
+        row["step_time_s"] = self._step_time
+        if "nll_sum" in row and "supervised_tokens" in row:  # comparable across batch shapes, unlike a sum loss
+            row["loss_per_token"] = float(row["nll_sum"]) / max(float(row["supervised_tokens"]), 1.0)
+        if "tokens" in row:
+            row["tokens_per_s"] = float(row["tokens"]) / max(self._step_time, 1e-12)
+        self._writer.write(step, row)
+
+    def close(self) -> None:
+        """Close the underlying writer."""
+        if self._writer is not None:
+            self._writer.close()

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from tulu_jax.errors import ConfigError
-from tulu_jax.train.state import path_name
+from tulu_jax.pytree import path_name
 
 Schedule = Callable[[jax.Array | int], jax.Array]
 SCHEDULES = ("linear", "cosine", "constant")

@@ -15,15 +15,15 @@ every step, so it is checkpointed as well.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-if TYPE_CHECKING:
-    from tulu_jax.train.optim import Optimizer
+from tulu_jax.pytree import path_name
+from tulu_jax.train.optim import Optimizer
 
 PyTree = Any
 
@@ -55,6 +55,14 @@ class TrainState:
     def replace(self, **changes: Any) -> "TrainState":
         """A copy with the given fields replaced."""
         return dataclasses.replace(self, **changes)
+
+    def arrays(self) -> dict[str, Any]:
+        """Everything but the static graphdef, as the dict a checkpoint stores (`params.…`, `opt_state.…`, ...)."""
+        return {name: getattr(self, name) for name in ("params", "model_state", "opt_state", "step", "rng")}
+
+    def with_arrays(self, arrays: dict[str, Any]) -> "TrainState":
+        """A state of this structure holding `arrays` (the inverse of `arrays()`, e.g. after a restore)."""
+        return TrainState(graphdef=self.graphdef, **arrays)
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
@@ -93,13 +101,30 @@ def eval_shape_train_state(
     return jax.eval_shape(_init_fn(make_model, optimizer, seed))
 
 
-def _key_name(key: Any) -> str:
-    return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
+def opt_state_shardings(opt_state: PyTree, params: PyTree, param_shardings: PyTree, replicated: Any) -> PyTree:
+    """Shardings of an optimizer state, derived from its tree structure.
 
+    Every subtree of `opt_state` with the structure of `params` (Adam's `mu` and `nu`: optax builds them by mapping
+    over the parameters) takes `param_shardings`; every other leaf must be a scalar (step counters) and is
+    replicated. Anything else is an optimizer whose state is not laid out like the parameters: ValueError, never a
+    silently replicated array.
+    """
+    structure = jax.tree.structure(params)
 
-def path_name(path: tuple[Any, ...]) -> str:
-    """A pytree key path as a dotted name (`params.layers.mlp.kernel.value`), as orbax names checkpoint arrays."""
-    return ".".join(_key_name(key) for key in path)
+    def like_params(node: Any) -> bool:
+        return node is not None and jax.tree.structure(node) == structure
+
+    def one(path: tuple[Any, ...], node: Any) -> Any:
+        if like_params(node):
+            return param_shardings
+        if getattr(node, "ndim", 0):
+            raise ValueError(
+                f"optimizer state leaf '{path_name(path)}' (shape {tuple(node.shape)}) is neither a scalar nor part "
+                "of a subtree shaped like the parameters: cannot tell how to shard it"
+            )
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, opt_state, is_leaf=like_params)
 
 
 def train_state_shardings(
@@ -109,30 +134,16 @@ def train_state_shardings(
 
     `variable_shardings` maps an (abstract) nnx.State with its variables' logical-axis metadata to a tree of
     shardings of the same structure (e.g. `tulu_jax.sharding.state_shardings` with mesh and rules bound). It is
-    applied to `params` and `model_state`. Optimizer-state leaves are sharded like the parameter whose key path
-    ends theirs and whose shape they share (Adam's `mu`/`nu`); everything else (counters, step, rng) is replicated.
+    applied to `params` and `model_state`; the optimizer state follows the parameters (`opt_state_shardings`);
+    step and rng are replicated.
     """
     replicated = NamedSharding(mesh, PartitionSpec())
     param_shardings = variable_shardings(abstract.params)
-    by_path = {
-        tuple(path): (leaf.shape, sharding)
-        for (path, leaf), sharding in zip(
-            jax.tree_util.tree_flatten_with_path(abstract.params)[0], jax.tree.leaves(param_shardings)
-        )
-    }
-
-    def opt_leaf_sharding(path: tuple[Any, ...], leaf: Any) -> Any:
-        for start in range(len(path)):
-            match = by_path.get(tuple(path[start:]))
-            if match is not None and tuple(match[0]) == tuple(leaf.shape):
-                return match[1]
-        return replicated
-
     return TrainState(
         graphdef=abstract.graphdef,
         params=param_shardings,
         model_state=variable_shardings(abstract.model_state),
-        opt_state=jax.tree_util.tree_map_with_path(opt_leaf_sharding, abstract.opt_state),
+        opt_state=opt_state_shardings(abstract.opt_state, abstract.params, param_shardings, replicated),
         step=replicated,
         rng=replicated,
     )
