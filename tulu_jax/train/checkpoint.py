@@ -52,6 +52,13 @@ class Restored:
     metadata: dict
 
 
+def _trained_arrays(arrays: dict[str, Any]) -> dict[str, Any]:
+    """The parameters and optimizer state of every trained model (a MultiTrainState's under `models`)."""
+    if "models" in arrays:
+        return {name: _trained_arrays(member) for name, member in arrays["models"].items()}
+    return {"params": arrays["params"], "opt_state": arrays["opt_state"]}
+
+
 def _state_dict(state: TrainState) -> dict[str, Any]:
     return state.arrays()  # a TrainState, or a MultiTrainState of several
 
@@ -205,7 +212,7 @@ class Checkpointer:
         if not force and not self._manager.should_save(step):
             return False
         arrays = _state_dict(state)
-        bad = nonfinite_leaves({"params": arrays["params"], "opt_state": arrays["opt_state"]})
+        bad = nonfinite_leaves(_trained_arrays(arrays))
         if bad:
             latest = self.latest_step()
             newest = f"the newest checkpoint is {self.directory}/{latest}" if latest is not None else "no checkpoint"
