@@ -40,7 +40,8 @@ from tulu_jax.sharding import (
 
 SHARDING_DIR = pathlib.Path(__file__).resolve().parent.parent / "sharding"
 # device count each file is meant for (TPU: chips of its topology; h100x8 uses -1 and resolves on 8 GPUs)
-DEVICES = {"cpu-1": 1, "cpu-8": 8, "h100x8": 8, "v5p-8": 4, "v5p-64": 32, "v5p-256": 128, "v6e-256": 256}
+DEVICES = {"cpu-1": 1, "cpu-8": 8, "h100x8": 8, "v5p-8": 4, "v5p-64": 32, "v5p-256": 128, "v5p-1024": 512,
+           "v6e-256": 256}
 LOGICAL_AXES = ["vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers"] + [
     "batch", "length", "act_embed", "act_heads", "act_kv_heads", "act_mlp", "act_vocab"
 ]  # the contract's names (docs/ARCHITECTURE.md)
