@@ -22,12 +22,12 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 12
 
 
-def _launch(run_dir: pathlib.Path) -> list[subprocess.Popen]:
+def _launch(run_dir: pathlib.Path, *, resume: bool = False) -> list[subprocess.Popen]:
     port = free_port()
     argv = [sys.executable, "-m", "tulu_jax.cli", "sft", "--config", str(REPO / "configs" / "tiny_sft.yaml"),
             "--sharding", str(REPO / "sharding" / "cpu-8.yaml"), "--set", f"output.run_dir={run_dir}",
             "--set", f"train.max_steps={STEPS}", "--set", "output.save_every=2", "--set", "output.log_every=1",
-            "--set", "output.export_hf=false"]
+            "--set", "output.export_hf=false", *(["--resume"] if resume else [])]
     procs = []
     for pid in range(2):
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
@@ -88,7 +88,7 @@ def test_sigterm_on_one_host_stops_both_at_the_same_step_and_resume_reproduces_t
     assert 2 <= stop < STEPS
     assert "SIGTERM received by another process;" in errs[0] and "SIGTERM received;" in errs[1]
 
-    errs = _finish(_launch(preempted))
+    errs = _finish(_launch(preempted, resume=True))
     assert all(f"resumed from checkpoint step {stop}" in err for err in errs)
     got = _losses(preempted)
     assert sorted(got) == list(range(1, STEPS + 1))

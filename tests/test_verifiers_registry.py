@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -14,7 +13,6 @@ from tulu_jax.rl.verifiers import check_ground_truth, extract_answer, known_data
 from tulu_jax.rl.verifiers.ifeval import instructions
 
 LIMIT_S = 3.0
-SLACK_S = 1.0  # pickling a megabyte, killing a worker
 
 # One ground truth per family; the IFEval one asks for every instruction at once.
 _KWARGS = {
@@ -70,12 +68,11 @@ def _warm() -> None:
 
 
 def _timed_verify(dataset: str, response: str, ground_truth: str, timeout_s: float = LIMIT_S) -> float:
+    # No wall-clock assertion (the 2-core CI machine is shared): the limit itself is enforced by the worker pool and
+    # tested deterministically in tests/test_faults.py; here every input must come back as a reward in [0, 1].
     _warm()
-    start = time.monotonic()
     reward = verify(dataset, response, ground_truth, timeout_s=timeout_s)
-    elapsed = time.monotonic() - start
     assert isinstance(reward, float) and 0.0 <= reward <= 1.0
-    assert elapsed <= timeout_s + SLACK_S, f"{dataset}: {elapsed:.1f} s"
     return reward
 
 

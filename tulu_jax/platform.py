@@ -18,10 +18,10 @@ import pkgutil
 import sys
 
 # TPU chips are PCI devices of Google's vendor id with these device ids (v3, -, v4, v5p, v5e, v6e, 7x): the table
-# JAX 0.10.2 itself uses to detect a Cloud TPU VM (jax._src.hardware_utils), read here without importing JAX.
+# JAX 0.10.2 itself uses to detect a Cloud TPU VM (its hardware_utils module), read here without importing JAX.
 _GOOGLE_PCI_VENDOR = "0x1ae0"
 _TPU_PCI_DEVICES = frozenset({"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"})
-# Device files whose presence makes JAX try a GPU platform (jax._src.hardware_utils).
+# Device files whose presence makes JAX try a GPU platform (JAX's hardware_utils module).
 _GPU_DEVICES = {"cuda": ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg"), "rocm": ("/dev/kfd",)}
 
 _chosen: str | None = None  # the JAX_PLATFORMS value tulu-jax set (not the user's), None until set
