@@ -126,6 +126,9 @@ COMMANDS: dict[str, Command] = {
         "tulu_jax.stages.pipeline:main", "the recipe end to end on a toy world, evaluated after every stage",
         pipeline_arguments,
     ),
+    "distill-targets": Command(
+        "tulu_jax.stages.distill_targets:main", "write a teacher's sparse targets for offline distillation",
+    ),
     "compile-check": Command(
         "tulu_jax.stages.compile_check:main",
         "compile a config's train step for its TPU topology; report memory",

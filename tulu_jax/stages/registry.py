@@ -59,6 +59,7 @@ class StageEntry:
 STAGES: dict[str, StageEntry] = {
     "sft": StageEntry("tulu_jax.stages.sft:STAGE", "supervised fine-tuning (Tülu 3 SFT)"),
     "dpo": StageEntry("tulu_jax.stages.dpo:STAGE", "preference tuning (Tülu 3 length-normalized DPO)"),
+    "distill": StageEntry("tulu_jax.stages.distill:STAGE", "teacher-student distillation (online, offline, on-policy)"),
 }
 
 

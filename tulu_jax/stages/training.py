@@ -125,6 +125,11 @@ class TrainingStage:
         """One line: what one step computes (batch, accumulation, model, dtypes)."""
         raise NotImplementedError
 
+    def train_step(self, setup: StageSetup, step: Step) -> Callable[[TrainState, PyTree], Any]:
+        """What the loop calls per batch, `(state, batch) -> (state, metrics)`: the step with the setup's frozen
+        models (a stage may wrap it, e.g. to roll out from the state first)."""
+        return functools.partial(step, frozen=setup.frozen)
+
     # ----------------------------------------------------------------------------------------- shared
 
     @staticmethod
@@ -187,7 +192,7 @@ class TrainingStage:
               f"mesh {dict(setup.mesh.shape)}", file=sys.stderr)
         return train_and_export(
             state=setup.state,
-            train_step=functools.partial(step, frozen=setup.frozen),
+            train_step=self.train_step(setup, step),
             batches=batches,
             num_steps=setup.data.num_steps,
             output=config.output,
