@@ -194,3 +194,19 @@ def test_cli_on_policy_run_resumes_and_exports(tmp_path):
     assert (run_dir / "hf" / "config.json").is_file()
     bad = _cli(*common, "--set", "distill.teacher.overrides={vocab_size: 512}")
     assert bad.returncode == 1 and "512" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_sampled_targets_are_distinct_ids_drawn_by_teacher_probability():
+    from tulu_jax.stages.distill_targets import sparse_targets
+
+    logits = jax.random.normal(jax.random.key(0), (2, 3, 50)) * 2.0
+    p = np.asarray(jax.nn.softmax(logits, axis=-1))
+    ids, probs = sparse_targets(logits, 10, "sampled", jax.random.key(1))
+    ids = np.asarray(ids)
+    assert all(len(set(row)) == 10 for row in ids.reshape(-1, 10))
+    np.testing.assert_allclose(np.asarray(probs, np.float32), np.take_along_axis(p, ids, -1), rtol=1e-3)
+    # K = 1 is one Gumbel-max draw: each id's frequency over many keys is its teacher probability.
+    draws = jax.vmap(lambda key: sparse_targets(logits[0, 0], 1, "sampled", key)[0][0])(
+        jax.random.split(jax.random.key(2), 20000))
+    frequency = np.bincount(np.asarray(draws), minlength=50) / 20000
+    np.testing.assert_allclose(frequency, p[0, 0], atol=4 * np.sqrt(p[0, 0].max() / 20000) + 1e-3)
