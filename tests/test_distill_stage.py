@@ -210,3 +210,16 @@ def test_sampled_targets_are_distinct_ids_drawn_by_teacher_probability():
         jax.random.split(jax.random.key(2), 20000))
     frequency = np.bincount(np.asarray(draws), minlength=50) / 20000
     np.testing.assert_allclose(frequency, p[0, 0], atol=4 * np.sqrt(p[0, 0].max() / 20000) + 1e-3)
+
+
+def test_text_format_distils_every_token(meshes, tmp_path):
+    texts = ["the cat sat on the mat", "two plus three is five", "a b c d e f g"]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    setup = STAGE.setup(_config("data.format=text", f"data.sources=[{{path: {tmp_path / 'docs.jsonl'}}}]",
+                                "train.global_batch_size=4"), meshes["cpu-1"])
+    host, _ = _first_batch(setup)
+    lengths = (host["segment_ids"] > 0).sum(axis=1)
+    # Every position but each document's last (whose next token is outside it) is distilled.
+    np.testing.assert_array_equal(host["loss_mask"].sum(axis=1), np.maximum(lengths - 1, 0))
+    metrics, _ = _step_once(setup, host)
+    assert metrics["tokens"] == host["loss_mask"].sum()
