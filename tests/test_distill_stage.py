@@ -185,14 +185,14 @@ def test_cli_on_policy_run_resumes_and_exports(tmp_path):
                 for f in ("--set", s)))
     first = _cli(*common, "--set", "train.max_steps=2")
     assert first.returncode == 0, first.stderr[-3000:]
-    second = _cli(*common, "--set", "train.max_steps=3")
+    second = _cli(*common, "--set", "train.max_steps=3", "--resume")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from checkpoint step 2" in second.stderr
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(m["on_policy"] == 1.0 and np.isfinite(m["loss"]) and m["tokens"] > 0 for m in metrics)
     assert (run_dir / "hf" / "config.json").is_file()
-    bad = _cli(*common, "--set", "distill.teacher.overrides={vocab_size: 512}")
+    bad = _cli(*common, "--set", "distill.teacher.overrides={vocab_size: 512}", "--set", f"output.run_dir={tmp_path}/b")
     assert bad.returncode == 1 and "512" in bad.stderr and "Traceback" not in bad.stderr
 
 

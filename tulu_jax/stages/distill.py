@@ -42,7 +42,7 @@ from tulu_jax.stages.sections import (
     TokenizerSection,
     TrainSection,
 )
-from tulu_jax.stages.setup import batch_shards, num_train_steps
+from tulu_jax.stages.setup import batch_shards, micro_batches_text, num_train_steps
 from tulu_jax.stages.sft import SFTDataSection, prepare_sft_data
 from tulu_jax.stages.teacher import (
     TEACHER,
@@ -330,10 +330,11 @@ class DistillStage(TrainingStage):
             _size(per_device_bytes(setup.frozen[TEACHER].params))
         return (
             f"distill step ({distill.mode}, {how}, T={distill.temperature}): global batch "
-            f"{config.train.global_batch_size} × {config.data.max_seq_len} tokens, {setup.grad_accum} micro-batches "
-            f"of {per_device} sequence(s) per device; student {model.architecture} hidden {model.hidden_size} × "
-            f"{model.num_layers} layers, params per device: student {student} (+ optimizer state), teacher "
-            f"{teacher}; compute {model.compute_dtype}, remat {model.remat}"
+            f"{config.train.global_batch_size} × {config.data.max_seq_len} tokens, "
+            f"{micro_batches_text(setup.grad_accum)} of {per_device} sequence(s) per device; student "
+            f"{model.architecture} hidden {model.hidden_size} × {model.num_layers} layers, params per device: "
+            f"student {student} (+ optimizer state), teacher {teacher}; compute {model.compute_dtype}, "
+            f"remat {model.remat}"
         )
 
 
