@@ -60,6 +60,7 @@ STAGES: dict[str, StageEntry] = {
     "sft": StageEntry("tulu_jax.stages.sft:STAGE", "supervised fine-tuning (Tülu 3 SFT)"),
     "dpo": StageEntry("tulu_jax.stages.dpo:STAGE", "preference tuning (Tülu 3 length-normalized DPO)"),
     "distill": StageEntry("tulu_jax.stages.distill:STAGE", "teacher-student distillation (online, offline, on-policy)"),
+    "rlvr": StageEntry("tulu_jax.stages.rlvr:STAGE", "RL with verifiable rewards (Tülu 3 PPO, or GRPO)"),
 }
 
 

@@ -1,0 +1,163 @@
+"""The RLVR stage on the 8-device CPU mesh: the rollout reads the policy's own arrays (no copy) before and after an
+update, a resumed run draws the same rollouts and ends in the same state as an uninterrupted one, the policy and
+value model are exported for transformers, and bad rows / a mismatched value model fail with one clear error."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tulu_jax.data.tokenizers import load_tokenizer
+from tulu_jax.errors import ConfigError, DataError
+from tulu_jax.models.presets import preset_config
+from tulu_jax.rl.loop import RLVRLoop, load_prompts
+from tulu_jax.rl.ppo_step import POLICY, VALUE
+from tulu_jax.stages.rlvr import STAGE, RLVRConfig, check_value_model_path
+from tulu_jax.stages.sections import load_stage_config
+
+ROLLOUT_KEYS = ("score", "verifier", "response_length", "non_stop_rate", "entropy", "kl_to_ref")
+
+
+def config(*overrides: str) -> RLVRConfig:
+    return load_stage_config(RLVRConfig, "configs/tiny_rlvr.yaml", (
+        "optim.schedule=constant", "rlvr.max_new_tokens=8", "rlvr.ppo_epochs=1", "output.progress=false",
+        "output.save_every=1", *overrides))
+
+
+@functools.cache
+def loop_and_initial():
+    setup = STAGE.setup(config(), "sharding/cpu-8.yaml")
+    loop = RLVRLoop(setup, STAGE.build_step(setup), STAGE.batch_shardings(setup))
+    return loop, jax.tree.map(jnp.copy, setup.state)
+
+
+def fresh_state():
+    loop, initial = loop_and_initial()
+    return jax.tree.map(jnp.copy, initial)
+
+
+def pointers(tree):
+    """The device buffers of every shard of every array (sharded arrays have no single pointer)."""
+    return [[shard.data.unsafe_buffer_pointer() for shard in x.addressable_shards] for x in jax.tree.leaves(tree)]
+
+
+def test_rollout_reads_the_policy_arrays_without_a_copy_before_and_after_an_update():
+    loop, _ = loop_and_initial()
+    state = fresh_state()
+    seen = []
+    jitted = loop.rollout.jitted
+
+    def recording(states, *args):  # what the sampler program receives, then the program itself
+        seen.append(pointers(states))
+        with jax.transfer_guard("disallow"):  # an implicit copy or resharding of an argument would raise
+            return jitted(states, *args)
+
+    loop.rollout.jitted = recording
+    try:
+        before, _ = loop.generate(state, 0)
+        assert seen[-1] == pointers((state.models[POLICY].params, state.models[POLICY].model_state))
+        state, metrics = loop.iteration(state, 0)  # generate, score, prepare, PPO steps
+        assert metrics["weight_sync_s"] == 0.0 and metrics["optimizer_steps"] == 2
+        after, _ = loop.generate(state, 0)  # the same prompts and key, the updated parameters
+        assert seen[-1] == pointers((state.models[POLICY].params, state.models[POLICY].model_state))
+    finally:
+        loop.rollout.jitted = jitted
+    assert not np.allclose(np.asarray(after.logprobs), np.asarray(before.logprobs))
+
+
+def read_metrics(run_dir):
+    return {row["step"]: row for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.slow
+def test_resumed_run_draws_the_same_rollouts_and_exports(tmp_path):
+    loop, _ = loop_and_initial()
+    output = loop.setup.config.output
+
+    def run(name, iterations, export):
+        output.run_dir, output.export_hf = str(tmp_path / name), export
+        loop.setup.state = fresh_state()
+        return loop.run(iterations)
+
+    whole = run("whole", 2, True)
+    run("resumed", 1, False)
+    resumed = run("resumed", 2, False)  # restores iteration 1 (state, optimizers, rng, prompt position)
+    a, b = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "resumed")
+    assert sorted(a) == [1, 2]
+    for key in ROLLOUT_KEYS + ("policy_loss", "value_loss"):
+        np.testing.assert_allclose(b[2][key], a[2][key], rtol=1e-6, atol=1e-6, err_msg=key)
+    for x, y in zip(jax.tree.leaves(whole.arrays()), jax.tree.leaves(resumed.arrays())):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
+    assert {"accuracy/gsm8k", "clipfrac", "approx_kl", "explained_variance", "generation_s", "scoring_s",
+            "training_s"} <= set(a[2])
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    ids = np.array([[3, 17, 42, 99, 7, 8]], np.int32)
+    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "hf")
+    with torch.no_grad():
+        logits = policy(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    ours = np.asarray(jax.jit(lambda m, x: m(x))(whole.models[POLICY].model(), jnp.asarray(ids)))
+    np.testing.assert_allclose(logits, ours, rtol=1e-4, atol=1e-4)
+    value = AutoModelForSequenceClassification.from_pretrained(tmp_path / "whole" / "value_hf")
+    assert type(value).__name__ == "LlamaForSequenceClassification" and value.config.num_labels == 1
+    assert VALUE in whole.models
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+GOOD = {"messages": [{"role": "user", "content": "What is 2 + 3?"}], "ground_truth": "5", "dataset": "gsm8k"}
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({k: v for k, v in GOOD.items() if k != "ground_truth"}, "ground_truth"),
+    ({**GOOD, "dataset": "trivia"}, "dataset"),
+])
+def test_bad_rows_name_file_row_and_field(tmp_path, bad, field):
+    path = write_rows(tmp_path / "rows.jsonl", [GOOD, bad])
+    cfg = config(f"data.sources=[{{path: {path}}}]")
+    tokenizer = load_tokenizer("tulu_jax/assets/tiny_tokenizer")
+    with pytest.raises(DataError) as error:
+        load_prompts(cfg, tokenizer)
+    message = str(error.value)
+    assert str(path) in message and field in message and "2" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("field, value, what", [("hidden_size", 32, "hidden size"),
+                                                ("vocab_size", 500, "vocabulary size")])
+def test_a_value_model_that_does_not_match_the_policy_is_refused(tmp_path, field, value, what):
+    policy = preset_config("tiny", {})
+    hf = {"architectures": ["LlamaForSequenceClassification"], "vocab_size": policy.vocab_size,
+          "hidden_size": policy.hidden_size, field: value}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    cfg = config("rlvr.value_init=reward_model", f"rlvr.value_model_path={tmp_path}")
+    with pytest.raises(ConfigError, match=what) as error:
+        check_value_model_path(cfg, policy)
+    assert str(tmp_path) in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_compile_check_compiles_the_rlvr_step_for_a_tpu_topology(monkeypatch):
+    from tulu_jax import cli
+    from tulu_jax.stages.compile_check import compile_check
+
+    for key, value in cli.QUIET_LIBTPU.items():
+        monkeypatch.setenv(key, value)
+    result = compile_check("rlvr", "configs/tiny_rlvr.yaml", "sharding/v5p-8.yaml")
+    assert result.fits and "KV cache" in result.summary and "ppo" in result.summary
+    # The arguments hold at least the policy and value models with their Adam moments, split over the chips.
+    _, (state, batch, _), _ = STAGE.aot(config(), "sharding/v5p-8.yaml")
+    assert set(state.models) == {POLICY, VALUE}
+    shard_bytes = sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+                      for x in jax.tree.leaves((state, batch)))
+    assert shard_bytes <= result.report["argument_bytes"]

@@ -1,0 +1,145 @@
+"""The RLVR programs (`tulu_jax.rl.ppo_step`) through the stage's own setup: the rollout → RolloutBatch program and
+the PPO step give the same batch, loss, metrics and update on the 8-device mesh (data × fsdp × tensor, with
+gradient accumulation) as on one device; the recomputed old log-probs equal the sampler's; the rollout of the loop
+reads the policy's arrays themselves, before and after an update."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from tulu_jax.rl.ppo_step import POLICY, VALUE, build_prepare_fn, rollout_layout
+from tulu_jax.sharding import load_sharding, make_mesh
+from tulu_jax.stages.rlvr import STAGE, RLVRConfig
+from tulu_jax.stages.sections import load_stage_config
+from tulu_jax.train import shardings_of
+
+B, P, N = 8, 16, 8
+
+
+def config(*overrides: str) -> RLVRConfig:
+    return load_stage_config(RLVRConfig, "configs/tiny_rlvr.yaml",
+                             ("optim.schedule=constant", "rlvr.max_new_tokens=8", *overrides))
+
+
+def host_rollout(vocab: int) -> tuple[np.ndarray, ...]:
+    """A fixed rollout: left-padded prompts, responses of 1..N tokens, stop flags and verifier scores."""
+    rng = np.random.default_rng(0)
+    prompt_len = rng.integers(3, P + 1, B)
+    prompt_mask = np.arange(P)[None, :] >= (P - prompt_len)[:, None]
+    prompt_ids = np.where(prompt_mask, rng.integers(5, vocab, (B, P)), 0).astype(np.int32)
+    lengths = rng.integers(1, N + 1, B).astype(np.int32)
+    response = np.where(np.arange(N)[None, :] < lengths[:, None], rng.integers(5, vocab, (B, N)), 0).astype(np.int32)
+    finished = rng.random(B) < 0.7
+    scores = (rng.random(B) < 0.5).astype(np.float32)
+    return prompt_ids, prompt_mask, response, lengths, finished, scores
+
+
+def prepare_and_step(sharding_file: str, *overrides: str):
+    """Stage setup on the sharding file's mesh (8 or 1 devices), the rollout program, one PPO step: host results."""
+    spec = load_sharding(sharding_file)
+    mesh = make_mesh(spec, jax.devices()[:1] if sharding_file.endswith("cpu-1.yaml") else None)
+    cfg = config(*overrides)
+    setup = STAGE.setup(cfg, (spec, mesh))
+    shardings = shardings_of(setup.state)
+    batch_sharding = STAGE.batch_shardings(setup).tokens
+    prepare = build_prepare_fn(
+        setup.state.models[POLICY].graphdef, setup.state.models[VALUE].graphdef, cfg.rlvr,
+        model_shardings={k: (s.params, s.model_state) for k, s in shardings.models.items()},
+        frozen_shardings=shardings_of(setup.frozen), batch_sharding=batch_sharding)
+    models = {k: (m.params, m.model_state) for k, m in setup.state.models.items()}
+    batch, prepare_metrics = prepare(models, setup.frozen, *host_rollout(setup.model_config.vocab_size))
+    step = STAGE.build_step(setup)
+    state, metrics = step(setup.state, batch, setup.frozen)
+    return jax.device_get((batch, prepare_metrics, metrics, state.arrays())), batch_sharding
+
+
+@functools.cache
+def results():
+    sharded, sharding = prepare_and_step("sharding/cpu-8.yaml", "train.grad_accum_steps=2",
+                                         "rlvr.num_minibatches=1")
+    single, _ = prepare_and_step("sharding/cpu-1.yaml", "rlvr.num_minibatches=1")
+    return sharded, single, sharding
+
+
+def test_sharded_and_unsharded_ppo_give_the_same_batch_loss_and_update():
+    (batch, prepared, metrics, state), single, sharding = results()
+    assert sharding.mesh.size == 8 and sharding.spec[0] == ("data", "fsdp")
+    s_batch, s_prepared, s_metrics, s_state = single
+    for name in batch.__dataclass_fields__:
+        np.testing.assert_allclose(getattr(batch, name), getattr(s_batch, name), rtol=1e-5, atol=1e-5, err_msg=name)
+    for key in prepared:
+        np.testing.assert_allclose(prepared[key], s_prepared[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    assert set(metrics) == set(s_metrics) >= {"policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy"}
+    for key in metrics:
+        np.testing.assert_allclose(metrics[key], s_metrics[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    for (path, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(state)[0],
+                                 jax.tree_util.tree_flatten_with_path(s_state)[0]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+    # Both models were updated, and the first step on a rollout is on-policy: ratio 1, nothing clipped.
+    assert metrics["policy_grad_norm"] > 0 and metrics["value_grad_norm"] > 0
+    assert int(state["step"]) == int(state["models"][POLICY]["step"]) == int(state["models"][VALUE]["step"]) == 1
+    assert metrics["clipfrac"] == 0.0 and abs(metrics["approx_kl"]) < 1e-10
+
+
+def test_rollout_batch_follows_the_recipe():
+    """Rewards, GAE and whitening of the prepared batch against a NumPy loop written from RECIPE.md."""
+    (batch, prepared, _, _), _, _ = results()
+    prompt_ids, prompt_mask, response, lengths, finished, scores = host_rollout(384)
+    mask = batch.response_mask
+    assert mask.sum() == lengths.sum() and not mask[:, :P].any()
+    kl = np.where(mask, batch.old_logps - batch.ref_logps, 0.0)
+    score = np.where(finished, 10.0 * scores, -10.0)
+    advantages = np.zeros_like(kl)
+    for b in range(B):
+        idx = np.flatnonzero(mask[b])
+        rewards = -0.05 * kl[b, idx]
+        rewards[-1] += score[b]
+        values = batch.values[b, idx]
+        last = 0.0
+        for j in reversed(range(len(idx))):
+            next_value = values[j + 1] if j + 1 < len(idx) else 0.0
+            last = rewards[j] + next_value - values[j] + 0.95 * last
+            advantages[b, idx[j]] = last
+        np.testing.assert_allclose(batch.returns[b, idx], advantages[b, idx] + values, rtol=1e-4, atol=1e-4)
+    flat = advantages[mask]
+    whitened = (flat - flat.mean()) / np.sqrt(flat.var(ddof=1) + 1e-8)
+    np.testing.assert_allclose(batch.advantages[mask], whitened, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(prepared["score"], score.mean(), rtol=1e-6)
+    np.testing.assert_allclose(prepared["kl_to_ref"], kl.sum(axis=1).mean(), rtol=1e-5, atol=1e-6)
+    tokens, positions, segment_ids, _ = jax.device_get(rollout_layout(prompt_ids, prompt_mask, response, lengths))
+    np.testing.assert_array_equal(batch.tokens, tokens)
+    assert (positions[np.arange(B), P + lengths - 1] == prompt_mask.sum(1) + lengths - 1).all()
+
+
+def test_grpo_group_advantages_drop_zero_variance_groups_and_train_without_a_value_model():
+    spec = load_sharding("sharding/cpu-8.yaml")
+    cfg = config("rlvr.algorithm=grpo", "rlvr.group_size=4", "rlvr.num_minibatches=1")
+    setup = STAGE.setup(cfg, (spec, make_mesh(spec)))
+    assert set(setup.state.models) == {POLICY}
+    shardings = shardings_of(setup.state)
+    prepare = build_prepare_fn(
+        setup.state.models[POLICY].graphdef, None, cfg.rlvr,
+        model_shardings={POLICY: (shardings.models[POLICY].params, shardings.models[POLICY].model_state)},
+        frozen_shardings=shardings_of(setup.frozen), batch_sharding=STAGE.batch_shardings(setup).tokens)
+    *rollout, _ = host_rollout(setup.model_config.vocab_size)
+    finished = np.ones(B, bool)
+    scores = np.array([1, 0, 0, 1, 1, 1, 1, 1], np.float32)  # group 2 has no variance: dropped
+    policy = setup.state.models[POLICY]
+    batch, prepared = prepare({POLICY: (policy.params, policy.model_state)}, setup.frozen, *rollout[:4], finished,
+                              scores)
+    host, host_prepared = jax.device_get((batch, prepared))
+    assert int(host_prepared["grpo_dropped_groups"]) == 1
+    lengths = rollout[3]
+    assert host.response_mask[4:].sum() == 0 and host.response_mask[:4].sum() == lengths[:4].sum()
+    group = 10.0 * scores[:4]
+    expected = (group - group.mean()) / (group.std() + 1e-8)
+    for b in range(4):
+        np.testing.assert_allclose(host.advantages[b][host.response_mask[b]], expected[b], rtol=1e-5)
+    state, metrics = STAGE.build_step(setup)(setup.state, batch, setup.frozen)
+    metrics = jax.device_get(metrics)
+    assert metrics["policy_grad_norm"] > 0 and "value_loss" not in metrics
+    assert abs(metrics["kl"]) < 1e-6 and metrics["clipfrac"] == 0.0  # the reference is the initial policy
