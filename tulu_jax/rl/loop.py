@@ -31,6 +31,7 @@ from tulu_jax.rl.rollout import Rollout, RolloutOutput
 from tulu_jax.rl.verifiers.batch import score_batch
 from tulu_jax.stages.training import StageSetup
 from tulu_jax.train import Checkpointer, MetricsWriter, shardings_of
+from tulu_jax.train.loop import _SigtermFlag
 from tulu_jax.train.metrics import ProgressBar
 from tulu_jax.train.multi import MultiTrainState
 from tulu_jax.train.step import Step
@@ -190,7 +191,7 @@ class RLVRLoop:
                                                    **setup.data.run_files})
         checkpointer = Checkpointer(run_dir / "checkpoints", max_to_keep=output.keep_last)
         writer = MetricsWriter(run_dir / "metrics.jsonl", run_dir / "tensorboard")
-        state, start = setup.state, 0
+        state, start, bar = setup.state, 0, None
         try:
             if checkpointer.latest_step() is not None:
                 restored = checkpointer.restore(target=state)
@@ -198,15 +199,23 @@ class RLVRLoop:
                 print(f"tulu-jax: resumed from checkpoint iteration {start} in {checkpointer.directory}",
                       file=sys.stderr)
             bar = ProgressBar(iterations, initial=start, disable=None if output.progress else True)
-            for iteration in range(start, iterations):
-                state, metrics = self.iteration(state, iteration)
-                writer.write(iteration + 1, metrics)
-                bar.update(iteration + 1, loss=metrics["loss"])
-                if output.save_every and (iteration + 1) % output.save_every == 0 or iteration + 1 == iterations:
-                    checkpointer.save(iteration + 1, state, data_state={"iteration": iteration + 1}, force=True)
-            bar.close()
+            with _SigtermFlag() as sigterm:
+                for iteration in range(start, iterations):
+                    state, metrics = self.iteration(state, iteration)
+                    writer.write(iteration + 1, metrics)
+                    bar.update(iteration + 1, loss=metrics["loss"])
+                    last = iteration + 1 == iterations or sigterm.received
+                    if last or output.save_every and (iteration + 1) % output.save_every == 0:
+                        checkpointer.save(iteration + 1, state, data_state={"iteration": iteration + 1}, force=True)
+                    if sigterm.received and iteration + 1 < iterations:
+                        checkpointer.wait()
+                        print(f"tulu-jax: SIGTERM received; saved checkpoint iteration {iteration + 1} in "
+                              f"{checkpointer.directory}; exiting", file=sys.stderr)
+                        raise SystemExit(0)
             checkpointer.wait()
         finally:
+            if bar is not None:
+                bar.close()
             writer.close()
             checkpointer.close()
         if output.export_hf:
