@@ -161,3 +161,13 @@ def test_compile_check_compiles_the_rlvr_step_for_a_tpu_topology(monkeypatch):
     shard_bytes = sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
                       for x in jax.tree.leaves((state, batch)))
     assert shard_bytes <= result.report["argument_bytes"]
+
+
+def test_the_pipeline_runs_rlvr_on_the_worlds_prompts_after_dpo(tmp_path):
+    from tulu_jax.stages.pipeline import load_pipeline_config, stage_config
+
+    pipeline = load_pipeline_config("configs/tiny_arith.yaml", ("stages=[base,sft,preferences,dpo,rlvr]",))
+    cfg = stage_config(pipeline, "rlvr", tmp_path, str(tmp_path / "dpo" / "hf"))
+    assert isinstance(cfg, RLVRConfig) and cfg.model.path == str(tmp_path / "dpo" / "hf")
+    assert [s.path for s in cfg.data.sources] == [str(tmp_path / "data" / "prompts.jsonl")]
+    assert cfg.output.run_dir == str(tmp_path / "rlvr")

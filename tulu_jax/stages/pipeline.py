@@ -114,6 +114,7 @@ class PipelineConfig:
     sft: dict[str, Any] = dataclasses.field(default_factory=dict)
     preferences: PreferenceSection = dataclasses.field(default_factory=PreferenceSection)
     dpo: dict[str, Any] = dataclasses.field(default_factory=dict)
+    rlvr: dict[str, Any] = dataclasses.field(default_factory=dict)
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
 
     def __post_init__(self) -> None:
@@ -339,6 +340,7 @@ STEPS: dict[str, PipelineStep] = {
     "sft": PipelineStep("sft", "sft.jsonl", "chat"),
     "preferences": PipelineStep(run=_preferences),
     "dpo": PipelineStep("dpo", "preferences.jsonl"),
+    "rlvr": PipelineStep("rlvr", "prompts.jsonl"),
 }
 
 
