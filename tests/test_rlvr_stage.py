@@ -171,3 +171,20 @@ def test_the_pipeline_runs_rlvr_on_the_worlds_prompts_after_dpo(tmp_path):
     assert isinstance(cfg, RLVRConfig) and cfg.model.path == str(tmp_path / "dpo" / "hf")
     assert [s.path for s in cfg.data.sources] == [str(tmp_path / "data" / "prompts.jsonl")]
     assert cfg.output.run_dir == str(tmp_path / "rlvr")
+
+
+def test_the_value_model_starts_from_a_reward_model_export(tmp_path):
+    from flax import nnx
+
+    from tulu_jax.models.hf_reward_io import save_hf_reward_model
+    from tulu_jax.models.reward import RewardModel
+
+    reward_model = RewardModel(preset_config("tiny", {"param_dtype": "float32"}), nnx.Rngs(7))
+    save_hf_reward_model(reward_model, tmp_path / "rm")
+    setup = STAGE.setup(config("rlvr.value_init=reward_model", f"rlvr.value_model_path={tmp_path / 'rm'}"),
+                        "sharding/cpu-8.yaml")
+    value = setup.state.models[VALUE].params
+    np.testing.assert_allclose(np.asarray(value["score"][...]), np.asarray(reward_model.score[...]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(value["decoder"]["embed"][...]),
+                               np.asarray(reward_model.decoder.embed[...]), rtol=1e-6)
+    assert value["decoder"]["embed"][...].sharding.num_devices == 8

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import sys
+import types
 from typing import Any
 
 import jax
@@ -126,8 +127,7 @@ def check_value_model_path(config: RLVRConfig, policy: Any) -> str:
     if not config_json.is_file():
         raise ConfigError(f"rlvr.value_model_path: {config.rlvr.value_model_path} has no config.json")
     hf = json.loads(config_json.read_text())
-    shape = dataclasses.make_dataclass("Shape", ["vocab_size", "hidden_size"])(hf.get("vocab_size"),
-                                                                               hf.get("hidden_size"))
+    shape = types.SimpleNamespace(vocab_size=hf.get("vocab_size"), hidden_size=hf.get("hidden_size"))
     check_value_model_matches(policy, shape, source=f"rlvr.value_model_path {config.rlvr.value_model_path}")
     return str(path)
 
