@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,7 @@ def config(*overrides: str) -> RLVRConfig:
 
 @functools.cache
 def loop_and_initial():
-    setup = STAGE.setup(config(), "sharding/cpu-8.yaml")
+    setup = STAGE.setup(config(f"output.run_dir={tempfile.mkdtemp()}"), "sharding/cpu-8.yaml")
     loop = RLVRLoop(setup, STAGE.build_step(setup), STAGE.batch_shardings(setup))
     return loop, jax.tree.map(jnp.copy, setup.state)
 
@@ -181,8 +182,8 @@ def test_the_value_model_starts_from_a_reward_model_export(tmp_path):
 
     reward_model = RewardModel(preset_config("tiny", {"param_dtype": "float32"}), nnx.Rngs(7))
     save_hf_reward_model(reward_model, tmp_path / "rm")
-    setup = STAGE.setup(config("rlvr.value_init=reward_model", f"rlvr.value_model_path={tmp_path / 'rm'}"),
-                        "sharding/cpu-8.yaml")
+    setup = STAGE.setup(config("rlvr.value_init=reward_model", f"rlvr.value_model_path={tmp_path / 'rm'}",
+                               f"output.run_dir={tmp_path / 'run'}"), "sharding/cpu-8.yaml")
     value = setup.state.models[VALUE].params
     np.testing.assert_allclose(np.asarray(value["score"][...]), np.asarray(reward_model.score[...]), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(value["decoder"]["embed"][...]),

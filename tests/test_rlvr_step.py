@@ -6,6 +6,7 @@ reads the policy's arrays themselves, before and after an update."""
 from __future__ import annotations
 
 import functools
+import tempfile
 
 import jax
 import numpy as np
@@ -21,8 +22,8 @@ B, P, N = 8, 16, 8
 
 
 def config(*overrides: str) -> RLVRConfig:
-    return load_stage_config(RLVRConfig, "configs/tiny_rlvr.yaml",
-                             ("optim.schedule=constant", "rlvr.max_new_tokens=8", *overrides))
+    return load_stage_config(RLVRConfig, "configs/tiny_rlvr.yaml", (
+        "optim.schedule=constant", "rlvr.max_new_tokens=8", f"output.run_dir={tempfile.mkdtemp()}", *overrides))
 
 
 def host_rollout(vocab: int) -> tuple[np.ndarray, ...]:
