@@ -194,7 +194,7 @@ class RLVRLoop:
         state, start, bar = setup.state, 0, None
         try:
             if checkpointer.latest_step() is not None:
-                restored = checkpointer.restore(target=state)
+                restored = checkpointer.restore_intact(target=state, strict=output.strict_resume)
                 state, start = restored.state, int(restored.data_state["iteration"])
                 print(f"tulu-jax: resumed from checkpoint iteration {start} in {checkpointer.directory}",
                       file=sys.stderr)
