@@ -106,8 +106,8 @@ class PairBatch:
 @struct.dataclass
 class RolloutBatch:
     """An RLVR training batch over prompt + response tokens [B, T]: tokens, positions, segment_ids (1 on prompt and
-    response tokens, 0 on padding), response_mask (bool: the
-    token is a sampled response token, the policy-gradient's support), old_logps (the sampling policy's log π),
+    response tokens, 0 on padding), response_mask (bool: the token is a sampled response token, the
+    policy-gradient's support), old_logps (the sampling policy's log π),
     ref_logps (the frozen reference's), values (the value model's before the update), rewards (per token, KL
     penalty and the verifier's score at the last response token), advantages and returns (GAE), all float32 but the
     first four."""
