@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tulu_jax.errors import ConfigError
-from tulu_jax.losses.common import masked_sum, safe_denominator, token_logps
+from tulu_jax.losses.common import masked_sum, safe_denominator
 from tulu_jax.losses.ppo import (
     explained_variance,
     gae,
@@ -37,7 +37,6 @@ from tulu_jax.losses.ppo import (
     kl_estimate,
     ppo_policy_loss,
     ppo_value_loss,
-    token_entropy,
     whiten,
 )
 from tulu_jax.rl.rewards import grpo_token_advantages, sequence_scores, token_rewards
@@ -108,10 +107,13 @@ def _shift(x: jax.Array) -> jax.Array:
 def policy_logps(model: nnx.Module, batch: RolloutBatch, *, entropy: bool = False) -> tuple[jax.Array, jax.Array]:
     """(log π(tokens[t] | tokens[<t]) [B, T] float32, 0 in slot 0; per-token entropy of that distribution [B, T],
     without gradient, or zeros unless `entropy`)."""
-    logits = model(batch.tokens, positions=batch.positions, segment_ids=batch.segment_ids)
-    logps = jnp.pad(token_logps(logits[:, :-1], batch.tokens[:, 1:]), ((0, 0), (1, 0)))
-    ent = _shift(jax.lax.stop_gradient(token_entropy(logits))) if entropy else jnp.zeros_like(logps)
-    return logps, ent
+    # Position t predicts token t + 1 (the last position's target is a dummy, shifted out below); the decoder
+    # computes it in sequence chunks, never holding the full float32 logits.
+    targets = jnp.pad(batch.tokens[:, 1:], ((0, 0), (0, 1)))
+    out = model.token_logps(batch.tokens, targets, positions=batch.positions, segment_ids=batch.segment_ids,
+                            entropy=entropy)
+    logps, ent = out if entropy else (out, jnp.zeros(targets.shape, jnp.float32))
+    return _shift(logps), _shift(jax.lax.stop_gradient(ent))
 
 
 def value_estimates(model: nnx.Module, batch: RolloutBatch) -> jax.Array:
