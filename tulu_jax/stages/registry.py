@@ -61,6 +61,7 @@ STAGES: dict[str, StageEntry] = {
     "dpo": StageEntry("tulu_jax.stages.dpo:STAGE", "preference tuning (Tülu 3 length-normalized DPO)"),
     "distill": StageEntry("tulu_jax.stages.distill:STAGE", "teacher-student distillation (online, offline, on-policy)"),
     "rlvr": StageEntry("tulu_jax.stages.rlvr:STAGE", "RL with verifiable rewards (Tülu 3 PPO, or GRPO)"),
+    "rm": StageEntry("tulu_jax.stages.rm:STAGE", "reward-model training on preference pairs (RLVR's value init)"),
 }
 
 

@@ -68,6 +68,7 @@ def train_and_export(
     tokenizer: Any | None,
     stage: str,
     run_files: Mapping[str, Any] | None = None,
+    export: Callable[[TrainState, pathlib.Path, Any, str | None], None] = export_hf,
 ) -> TrainState:
     """The stage loop: the run dir (config.yaml, model_config.json, tokenizer/), checkpoints (resume, periodic,
     final, SIGTERM), metrics.jsonl, progress, then (output.export_hf) the final model and tokenizer in run_dir/hf.
@@ -76,7 +77,8 @@ def train_and_export(
     `batches` is a stateful host-batch iterator (`get_state`/`set_state`); `prepare_batch` turns a host batch
     into global arrays (a `tulu_jax.train.batcher.Batcher`). The stage has called `check_run_dir` first: a run_dir
     that holds a checkpoint is continued only with output.resume (tulu_jax.stages.resume).
-    `run_files`: more JSON files for the run dir, name → data (e.g. the data report).
+    `run_files`: more JSON files for the run dir, name → data (e.g. the data report). `export(state, out_dir,
+    tokenizer, dtype)` writes the final model (default `export_hf`, a causal LM).
     """
     model_dict = model_config_dict(model_config)
     run_dir = prepare_run_dir(output, config, {"model_config.json": model_dict, **dict(run_files or {})})
@@ -107,6 +109,6 @@ def train_and_export(
         writer.close()
         checkpointer.close()
     if output.export_hf:
-        export_hf(state, run_dir / "hf", tokenizer, output.export_dtype or model_config.param_dtype)
+        export(state, run_dir / "hf", tokenizer, output.export_dtype or model_config.param_dtype)
         print(f"tulu-jax: exported the trained model to {run_dir / 'hf'}", file=sys.stderr)
     return state

@@ -8,7 +8,8 @@ it reads no data and allocates nothing: state and frozen models are sharded Shap
 exactly what `run` trains. `run` = `setup` + `build_step` + `batches` + `stages.run_dir.train_and_export`.
 
 A stage subclasses TrainingStage and fills in `name`, `config_class`, `load_data`, `batch_shardings`,
-`abstract_batch`, `build_step`, `batches` and `describe` (and `frozen` when its step reads frozen models).
+`abstract_batch`, `build_step`, `batches` and `describe` (and `frozen` when its step reads frozen models;
+`model_config`, `init_state` and `export` when it trains another model than the causal-LM Decoder).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tulu_jax.models.activation_sharding import with_activation_sharding
 from tulu_jax.models.config import ModelConfig
 from tulu_jax.sharding import ShardingSpec, load_sharding, tpu_topology_mesh
 from tulu_jax.stages.paths import resolve_path
-from tulu_jax.stages.run_dir import train_and_export
+from tulu_jax.stages.run_dir import export_hf, train_and_export
 from tulu_jax.stages.setup import (
     abstract_stage_state,
     check_run_dir,
@@ -130,6 +131,25 @@ class TrainingStage:
         models (a stage may wrap it, e.g. to roll out from the state first)."""
         return functools.partial(step, frozen=setup.frozen)
 
+    # ------------------------------------------------------------------- overridable defaults (the LM decoder)
+
+    def model_config(self, config: Any, tokenizer: Any, *, abstract: bool) -> ModelConfig:
+        """The run's ModelConfig (`resolve_model_config`: model.path's config.json or the preset)."""
+        return resolve_model_config(config.model, tokenizer, allow_preset_fallback=abstract)
+
+    def init_state(
+        self, config: Any, model_config: ModelConfig, optimizer: Optimizer, mesh: Mesh, spec: ShardingSpec, *,
+        abstract: bool,
+    ) -> TrainState:
+        """The sharded train state of a Decoder (abstract: ShapeDtypeStructs), from model.path or a fresh init."""
+        if abstract:
+            return abstract_stage_state(model_config, optimizer, mesh, spec)
+        return init_stage_state(config.model, model_config, optimizer, mesh, spec, config.train.seed)
+
+    def export(self, state: TrainState, out_dir: str | os.PathLike[str], tokenizer: Any, dtype: str | None) -> None:
+        """Write the final model to `out_dir` (`run_dir.export_hf`: an HF causal LM plus the tokenizer)."""
+        export_hf(state, out_dir, tokenizer, dtype)
+
     # ----------------------------------------------------------------------------------------- shared
 
     @staticmethod
@@ -156,14 +176,11 @@ class TrainingStage:
         if not abstract:
             check_run_dir(config)  # may this run write to (or continue) output.run_dir?
         tokenizer = None if abstract else load_stage_tokenizer(config.tokenizer, config.model)
-        model_config = resolve_model_config(config.model, tokenizer, allow_preset_fallback=abstract)
+        model_config = self.model_config(config, tokenizer, abstract=abstract)
         accum = resolve_grad_accum(config.train, mesh, spec)
         data = None if abstract else self.load_data(config, tokenizer, spec, mesh)
         optimizer = config.optim.build(ABSTRACT_STEPS if data is None else data.num_steps)
-        if abstract:
-            state = abstract_stage_state(model_config, optimizer, mesh, spec)
-        else:
-            state = init_stage_state(config.model, model_config, optimizer, mesh, spec, config.train.seed)
+        state = self.init_state(config, model_config, optimizer, mesh, spec, abstract=abstract)
         setup = StageSetup(config, spec, mesh, abstract, model_config, accum, optimizer, state, None, tokenizer, data)
         setup.frozen = self.frozen(setup)
         return setup
@@ -202,4 +219,5 @@ class TrainingStage:
             tokenizer=setup.tokenizer,
             stage=self.name,
             run_files=setup.data.run_files,
+            export=self.export,
         )
