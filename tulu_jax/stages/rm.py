@@ -195,8 +195,12 @@ class RMStage(TrainingStage):
 
             fields = dict(config.model.overrides, param_dtype=config.model.param_dtype,
                           compute_dtype=config.model.compute_dtype, remat=config.model.remat)
-            model_config = ModelConfig.from_hf_config({**hf, "architectures": [_CAUSAL[hf["architectures"][0]]]},
-                                                      source=f"{config.model.path}/config.json", **fields)
+            try:
+                model_config = ModelConfig.from_hf_config(
+                    {**hf, "architectures": [_CAUSAL[hf["architectures"][0]]]},
+                    source=f"{config.model.path}/config.json", **fields)
+            except TypeError as e:  # an unknown override field
+                raise ConfigError(f"model.overrides: {e}") from None
         if model_config.pad_token_id is None and tokenizer is not None:
             model_config = model_config.replace(pad_token_id=tokenizer.pad_token_id)
         if model_config.pad_token_id is None and not abstract:
