@@ -254,7 +254,7 @@ def test_initializations_from_a_causal_lm_and_from_a_reward_model(tmp_path):
 def test_cli_run_exports_a_sequence_classifier_with_equal_scores(tmp_path, pairs, capsys):
     """`tulu-jax rm` on the 8-device mesh for 4 steps; the export loads in transformers as
     LlamaForSequenceClassification (pad_token_id set) and scores right-padded pairs like the trained state; a
-    second run resumes from the final checkpoint instead of training again."""
+    second run with --resume continues from the final checkpoint instead of training again."""
     run_dir = tmp_path / "run"
     args = ["rm", "--config", str(TINY_CONFIG), "--sharding", str(CPU8), "--set", f"output.run_dir={run_dir}",
             "--set", "train.max_steps=4", "--set", "output.save_every=2"]
@@ -276,7 +276,7 @@ def test_cli_run_exports_a_sequence_classifier_with_equal_scores(tmp_path, pairs
     assert np.ptp(ours) > 1e-4
 
     capsys.readouterr()
-    assert cli.main(args) == 0
+    assert cli.main([*args, "--resume"]) == 0
     assert "resumed from checkpoint step 4" in capsys.readouterr().err
 
 
@@ -284,6 +284,13 @@ def test_bad_config_key_is_one_line(capsys):
     assert cli.main(["rm", "--config", str(TINY_CONFIG), "--sharding", str(CPU8), "--set", "rm.margin=1"]) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "rm.margin" in err, err
+
+
+def test_compile_check_tells_rm_configs_from_dpo_configs():
+    from tulu_jax.stages.compile_check import infer_stage
+
+    assert [infer_stage(str(REPO / "configs" / name)) for name in ("tiny_rm.yaml", "tulu3_8b_rm.yaml")] == ["rm"] * 2
+    assert infer_stage(str(REPO / "configs" / "tiny_dpo.yaml")) == "dpo"
 
 
 def test_configs_load_with_the_recipe_values():

@@ -79,15 +79,16 @@ class RMOutputSection(sections.OutputSection):
 
 @dataclasses.dataclass
 class RMConfig:
-    """A reward-model run: the shared sections, DPO's `data` and `train` (batches count pairs), plus `rm`."""
+    """A reward-model run: the shared sections, DPO's `data` and `train` (batches count pairs), plus `rm`, which is
+    required (`rm: {}` for the defaults) so that a DPO config (`dpo:`) and an RM config never read as each other."""
 
     model: sections.ModelSection
+    rm: RMSection
     tokenizer: sections.TokenizerSection = dataclasses.field(default_factory=sections.TokenizerSection)
     data: DPODataSection = dataclasses.field(default_factory=DPODataSection)
     optim: RMOptimSection = dataclasses.field(default_factory=RMOptimSection)
     train: DPOTrainSection = dataclasses.field(default_factory=DPOTrainSection)
     output: RMOutputSection = dataclasses.field(default_factory=RMOutputSection)
-    rm: RMSection = dataclasses.field(default_factory=RMSection)
 
     def __post_init__(self) -> None:
         if not self.data.sources:
