@@ -85,13 +85,15 @@ def test_a_step_that_does_not_fit_says_so_and_exits_1(capsys):
 
 
 def test_the_stage_is_inferred_from_the_config(tmp_path):
-    for name, stage in (("tiny_sft", "sft"), ("tiny_dpo", "dpo"), ("tulu3_8b_sft", "sft"), ("tulu3_8b_dpo", "dpo")):
+    for name, stage in (("tiny_sft", "sft"), ("tiny_dpo", "dpo"), ("tulu3_8b_sft", "sft"), ("tulu3_8b_dpo", "dpo"),
+                        ("tiny_rm", "rm"), ("tulu3_8b_rm", "rm"), ("tiny_rlvr", "rlvr"), ("tulu3_8b_rlvr", "rlvr"),
+                        ("tiny_distill", "distill"), ("gemma2_9b_distill", "distill")):
         assert compile_check_module.infer_stage(str(REPO / "configs" / f"{name}.yaml")) == stage
     with pytest.raises(ConfigError, match=r"no stage's config \(as sft: .*unknown key 'run_dir'"):
         compile_check_module.infer_stage(str(REPO / "configs" / "tiny_arith.yaml"))
     minimal = tmp_path / "minimal.yaml"  # the keys both stages' configs have: both accept it
-    minimal.write_text("model:\n  preset: tiny\ndata:\n  sources: [{path: d.jsonl}]\n")
-    with pytest.raises(ConfigError, match=r"valid config of stages \['sft', 'dpo'\]: pass --stage"):
+    minimal.write_text("model:\n  preset: tiny\ndata:\n  sources: [{path: d.jsonl}]\n")  # several stages accept it
+    with pytest.raises(ConfigError, match=r"valid config of stages \['sft', 'dpo', 'rlvr'\]: pass --stage"):
         compile_check_module.infer_stage(str(minimal))
 
 
