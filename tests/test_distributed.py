@@ -139,18 +139,18 @@ def test_incomplete_settings_are_errors(clean_env):
 
 
 def test_tpu_chips_are_counted_from_pci_sysfs(tmp_path):
-    """A Cloud TPU VM is recognized by its Google processing-accelerator PCI devices (not its Google NIC)."""
-    from tulu_jax.sharding.distributed import _local_tpu_chips
+    """A Cloud TPU VM is recognized by its Google PCI devices with TPU device ids (not its Google NIC, not a GPU)."""
+    from tulu_jax.platform import tpu_chip_count
 
-    devices = {"0000:00:04.0": ("0x1ae0", "0x120000"), "0000:00:05.0": ("0x1ae0", "0x120000"),
-               "0000:00:06.0": ("0x1ae0", "0x020000"), "0000:00:07.0": ("0x10de", "0x030200")}
-    for name, (vendor, device_class) in devices.items():
+    devices = {"0000:00:04.0": ("0x1ae0", "0x0062"), "0000:00:05.0": ("0x1ae0", "0x006f"),
+               "0000:00:06.0": ("0x1ae0", "0x0042"), "0000:00:07.0": ("0x10de", "0x2330")}
+    for name, (vendor, device) in devices.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "vendor").write_text(vendor + "\n")
-        (tmp_path / name / "class").write_text(device_class + "\n")
+        (tmp_path / name / "device").write_text(device + "\n")
     (tmp_path / "0000:00:08.0").mkdir()  # unreadable entries are skipped
-    assert _local_tpu_chips(str(tmp_path)) == 2
-    assert _local_tpu_chips(str(tmp_path / "absent")) == 0
+    assert tpu_chip_count(str(tmp_path)) == 2
+    assert tpu_chip_count(str(tmp_path / "absent")) == 0
 
 
 def test_no_private_jax_imports():

@@ -27,14 +27,22 @@ _GPU_DEVICES = {"cuda": ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg"), "rocm": 
 _chosen: str | None = None  # the JAX_PLATFORMS value tulu-jax set (not the user's), None until set
 
 
-def has_tpu_chips(pci_devices: str = "/sys/bus/pci/devices") -> bool:
-    """Whether a TPU chip is attached to this host (a PCI device with Google's vendor id and a TPU device id)."""
+def tpu_chip_count(pci_devices: str = "/sys/bus/pci/devices") -> int:
+    """TPU chips attached to this host: PCI devices with Google's vendor id and a TPU device id (Linux sysfs)."""
+    chips = 0
     for device in glob.glob(os.path.join(pci_devices, "*")):
         vendor, ident = (pathlib.Path(device, name) for name in ("vendor", "device"))
-        if (vendor.is_file() and vendor.read_text().strip() == _GOOGLE_PCI_VENDOR and ident.is_file()
-                and ident.read_text().strip() in _TPU_PCI_DEVICES):
-            return True
-    return False
+        try:
+            chips += (vendor.read_text().strip() == _GOOGLE_PCI_VENDOR
+                      and ident.read_text().strip() in _TPU_PCI_DEVICES)
+        except OSError:  # an entry without readable ids is not a TPU
+            continue
+    return chips
+
+
+def has_tpu_chips(pci_devices: str = "/sys/bus/pci/devices") -> bool:
+    """Whether a TPU chip is attached to this host (see `tpu_chip_count`)."""
+    return tpu_chip_count(pci_devices) > 0
 
 
 def _installed_plugins() -> set[str]:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import pathlib
 
 import jax
 
 from tulu_jax.errors import ConfigError
+from tulu_jax.platform import has_tpu_chips
 
 
 def _env_int(name: str) -> int | None:
@@ -18,23 +18,6 @@ def _env_int(name: str) -> int | None:
         return int(text)
     except ValueError:
         raise ConfigError(f"environment variable {name} must be an integer, got {text!r}") from None
-
-
-_GOOGLE_PCI_VENDOR = "0x1ae0"
-_PCI_ACCELERATOR_CLASS = "0x12"  # PCI base class "processing accelerator" (a Google NIC is class 0x02)
-
-
-def _local_tpu_chips(pci_root: str = "/sys/bus/pci/devices") -> int:
-    """TPU chips attached to this host: Google PCI devices of the processing-accelerator class (Linux sysfs)."""
-    chips = 0
-    for device in pathlib.Path(pci_root).glob("*"):
-        try:
-            vendor = (device / "vendor").read_text().strip()
-            device_class = (device / "class").read_text().strip()
-        except OSError:
-            continue
-        chips += vendor == _GOOGLE_PCI_VENDOR and device_class.startswith(_PCI_ACCELERATOR_CLASS)
-    return chips
 
 
 def initialize_distributed(
@@ -58,7 +41,7 @@ def initialize_distributed(
         process_id = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
     given = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id}
     if not any(v is not None for v in given.values()):
-        if _local_tpu_chips() == 0:
+        if not has_tpu_chips():
             return False
         jax.distributed.initialize()  # Cloud TPU: coordinator, process count and id come from the TPU metadata
         return True
