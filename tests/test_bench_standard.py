@@ -1,0 +1,36 @@
+"""benchmarks/standard.py: the harness's entry point runs the public step builders and sampler and prints one JSON
+line with the harness's keys (a tiny model; no figure is checked, only that each is measured)."""
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_standard_tiny_prints_the_harness_keys() -> None:
+    env = {**os.environ, "XLA_FLAGS": ""}  # one plain CPU device, as the harness runs it
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "standard.py"), "--json", "--tiny",
+                           "--parts", "sft,gen", "--warmup", "0", "--steps", "2"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stdout
+    out = json.loads(lines[0])
+    assert out["ceiling_gflops"] > 0 and out["peak_rss_gib"] > 0
+    sft, gen = out["sft"], out["gen"]
+    assert "error" not in sft and "error" not in gen, (sft, gen)
+    for key in ("step_s_median", "tokens_per_s", "achieved_gflops", "mfu", "compile_s"):
+        assert sft[key] > 0, key
+    assert len(sft["step_s_all"]) == 2 and math.isfinite(sft["loss_last"])
+    for key in ("gen_s_median", "new_tokens_per_s", "achieved_gflops", "prefill_s", "decode_bytes"):
+        assert gen[key] > 0, key
+    assert len(gen["gen_s_all"]) == 2 and "bandwidth_fraction" in gen
+
+
+def test_standard_rejects_an_unknown_part() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "standard.py"), "--parts", "sft,nope"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and "nope" in proc.stderr
