@@ -40,3 +40,20 @@ def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     save_hf_checkpoint(Decoder(config, nnx.Rngs(0)), path)
     tokenizer.save_pretrained(str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def pipeline_cache(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A persistent JAX compilation cache shared by the shortened pipeline runs (subprocesses)."""
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, pipeline_cache: pathlib.Path) -> tuple[pathlib.Path, str, str]:
+    """One full shortened pipeline (tests/test_pipeline_e2e.py's SHORT config, through the console entry point),
+    run once per session and reused by the tests that build on a finished run; returns (run dir, stdout, stderr)."""
+    from test_pipeline_e2e import finish, start, write_config
+
+    directory = tmp_path_factory.mktemp("pipeline")
+    out, err = finish(start(write_config(directory), pipeline_cache))
+    return directory / "run", out, err

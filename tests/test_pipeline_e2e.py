@@ -70,17 +70,8 @@ def table_numbers(run_dir: pathlib.Path) -> list[tuple]:
     return [(r["stage"], r["accuracy"], r["mean_reward"]) for r in json.loads((run_dir / "summary.json").read_text())]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("jax_cache")
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, cache):
-    """One full shortened pipeline; returns (run dir, stdout, stderr)."""
-    directory = tmp_path_factory.mktemp("pipeline")
-    out, err = finish(start(write_config(directory), cache))
-    return directory / "run", out, err
+# The `uninterrupted` run (one full shortened pipeline) and its `pipeline_cache` are session fixtures in conftest.py:
+# tests/test_pipeline_run.py and the notebooks reuse that run.
 
 
 @pytest.mark.slow
@@ -127,10 +118,10 @@ def test_the_table_comes_from_the_eval_files_and_the_rewards_from_the_verifier(u
 
 
 @pytest.mark.slow
-def test_killed_mid_stage_then_resumed_gives_the_same_table(uninterrupted, cache, tmp_path):
+def test_killed_mid_stage_then_resumed_gives_the_same_table(uninterrupted, pipeline_cache, tmp_path):
     config = write_config(tmp_path)
     run_dir = tmp_path / "run"
-    proc = start(config, cache)
+    proc = start(config, pipeline_cache)
     checkpoints = run_dir / "sft" / "checkpoints"
     deadline = time.monotonic() + 400
     while not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
@@ -142,11 +133,11 @@ def test_killed_mid_stage_then_resumed_gives_the_same_table(uninterrupted, cache
     assert not (run_dir / "sft" / pipeline.STAGE_FILE).exists()  # killed inside the SFT stage
     base_marker = (run_dir / "base" / pipeline.STAGE_FILE).read_text()
 
-    refused = start(config, cache)
+    refused = start(config, pipeline_cache)
     _, err = refused.communicate(timeout=300)
     assert refused.returncode == 1 and "--resume" in err
 
-    _, err = finish(start(config, cache, "--resume"))
+    _, err = finish(start(config, pipeline_cache, "--resume"))
     assert "base: finished before, skipped" in err
     assert (run_dir / "base" / pipeline.STAGE_FILE).read_text() == base_marker
     assert table_numbers(run_dir) == table_numbers(uninterrupted[0])

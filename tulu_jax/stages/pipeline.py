@@ -347,18 +347,25 @@ STEPS: dict[str, PipelineStep] = {
 # --------------------------------------------------------------------------------------------------- run
 
 
-def evaluate_stage(ctx: StageContext, name: str, model_dir: pathlib.Path) -> None:
-    """Greedy evaluation of `model_dir` on the held-out set → `<stage>/eval.jsonl`."""
+def evaluate_held_out(
+    run_dir: pathlib.Path, eval_section: EvalSection, model_dir: str | pathlib.Path, out_path: pathlib.Path | None,
+) -> Any:
+    """Greedy evaluation of the HF model `model_dir` on the run's held-out set (data/eval.jsonl, scored by the
+    verifier, `eval_section`'s settings) → an `EvalResult`; per-example records to `out_path` when given."""
     from tulu_jax.data.tokenizers import load_tokenizer
     from tulu_jax.models.hf_io import load_hf_checkpoint
     from tulu_jax.stages.eval import evaluate
 
-    e = ctx.config.eval
-    result = evaluate(
-        load_hf_checkpoint(model_dir), load_tokenizer(ctx.run_dir / "tokenizer"), ctx.run_dir / "data" / "eval.jsonl",
-        max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, out_path=ctx.stage_dir(name) / EVAL_FILE,
+    return evaluate(
+        load_hf_checkpoint(model_dir), load_tokenizer(run_dir / "tokenizer"), run_dir / "data" / "eval.jsonl",
+        max_new_tokens=eval_section.max_new_tokens, batch_size=eval_section.batch_size, out_path=out_path,
         progress=True,
     )
+
+
+def evaluate_stage(ctx: StageContext, name: str, model_dir: pathlib.Path) -> None:
+    """Greedy evaluation of `model_dir` on the held-out set → `<stage>/eval.jsonl`."""
+    result = evaluate_held_out(ctx.run_dir, ctx.config.eval, model_dir, ctx.stage_dir(name) / EVAL_FILE)
     print(f"tulu-jax pipeline: {name}: held-out accuracy {result.overall_accuracy:.3f}", file=sys.stderr)
 
 
