@@ -8,7 +8,7 @@ Parts (workload in benchmarks/workload.py; one CPU device, no sharding):
   padded rows or two 256-token rows packed per sequence;
 - dpo / dpo_two: `tulu_jax.stages.dpo.build_dpo_step` (what `tulu-jax dpo` runs), dpo_norm β 5 with cached
   reference log-probs from `tulu_jax.stages.reference`, one concatenated forward or two forwards;
-- gen: `tulu_jax.models.sampler.generate`, greedy, no stop id, 8 prompts × 128 tokens + 128 new tokens; also the
+- gen: `tulu_jax.models.sampler.generate`, greedy, no stop id, no log-probs (nothing asks for them), 8 prompts × 128 tokens + 128 new tokens; also the
   prefill alone, the decode step's time and the fraction of the measured memory bandwidth it reaches (bytes per
   decode step = every matmul weight + the whole KV cache, float32).
 Per part: step_s_median, step_s_all, tokens_per_s, achieved_gflops (gen: gen_s_median, gen_s_all,
@@ -199,7 +199,7 @@ def part_gen(w: Workload, args: argparse.Namespace) -> dict[str, Any]:
     prompts = np.random.default_rng(5).integers(1, w.vocab, (w.gen_batch, w.gen_prompt), dtype=np.int32)
 
     def run(new: int) -> Callable[[], None]:
-        return lambda: np.asarray(generate(model, prompts, max_new_tokens=new).tokens)
+        return lambda: np.asarray(generate(model, prompts, max_new_tokens=new, logprobs=False).tokens)
     first = time.perf_counter()
     run(w.gen_new)()  # the first call compiles
     first = time.perf_counter() - first
@@ -212,7 +212,7 @@ def part_gen(w: Workload, args: argparse.Namespace) -> dict[str, Any]:
     gbs = decode_bytes_per_step(w) / max(decode, 1e-9) / 1e9
     out.update(first_calls_s=[round(first, 3)], prefill_s=prefill, decode_step_s=decode,
                decode_bytes=decode_bytes_per_step(w), decode_gb_per_s=gbs, bandwidth_gb_per_s=bandwidth,
-               bandwidth_fraction=gbs / best, impl="models.sampler.generate greedy, no stop id")
+               bandwidth_fraction=gbs / best, impl="models.sampler.generate greedy, no stop id, no log-probs")
     return out
 
 

@@ -257,6 +257,22 @@ def test_same_seed_same_samples(llama):
     assert (a.tokens != c.tokens).any()
 
 
+def test_without_logprobs_same_tokens_and_no_log_softmax(llama):
+    """logprobs=False: the same greedy and sampled tokens, log-probs 0, and the compiled decode computes no
+    log-softmax (no reduction over the vocabulary besides the argmax / the categorical draw)."""
+    _, model = llama
+    for kwargs in (dict(), dict(temperature=1.0, seed=3)):
+        full = sampler.generate(model, PROMPTS, max_new_tokens=10, pad_id=PAD, **kwargs)
+        lean = sampler.generate(model, PROMPTS, max_new_tokens=10, pad_id=PAD, logprobs=False, **kwargs)
+        np.testing.assert_array_equal(lean.tokens, full.tokens)
+        np.testing.assert_array_equal(lean.lengths, full.lengths)
+        assert (lean.logprobs == 0).all() and (full.logprobs != 0).any()
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, VOCAB)), jnp.float32)
+    hlo = {flag: jax.jit(lambda x, f=flag: sample_tokens(jax.random.key(0), x, SamplingSettings(logprobs=f)))
+           .lower(logits).as_text() for flag in (True, False)}
+    assert "exponential" in hlo[True] and "exponential" not in hlo[False]
+
+
 def test_no_recompile_within_a_bucket(llama):
     _, model = llama
     kwargs = dict(temperature=0.5, top_k=7, pad_id=PAD)  # settings no other test uses: a fresh cache entry

@@ -71,11 +71,13 @@ def filter_top_p(logits: jax.Array, top_p: float) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class SamplingSettings:
-    """Static sampling settings: part of the compile-cache key (stop ids and the pad id are runtime inputs)."""
+    """Static sampling settings: part of the compile-cache key (stop ids and the pad id are runtime inputs).
+    `logprobs=False` skips the full-vocabulary log-softmax of every step (the returned log-probs are then 0)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    logprobs: bool = True
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -90,7 +92,8 @@ def sample_tokens(key: jax.Array, logits: jax.Array, settings: SamplingSettings)
     """Pick one token per row of `logits` [B, V]; return (tokens int32 [B], log π(token) float32 [B]).
 
     Greedy (argmax) at temperature 0, else temperature → top-k → top-p → categorical (HF's order).
-    The returned log-prob is from the unfiltered distribution at the sampling temperature.
+    The returned log-prob is from the unfiltered distribution at the sampling temperature (0 when
+    `settings.logprobs` is off: then no log-softmax over the vocabulary is computed).
     """
     logits = logits.astype(jnp.float32)
     if settings.temperature == 0.0:
@@ -100,6 +103,8 @@ def sample_tokens(key: jax.Array, logits: jax.Array, settings: SamplingSettings)
         scaled = logits / settings.temperature
         filtered = filter_top_p(filter_top_k(scaled, settings.top_k), settings.top_p)
         tokens = jax.random.categorical(key, filtered, axis=-1)
+    if not settings.logprobs:
+        return tokens.astype(jnp.int32), jnp.zeros(tokens.shape, jnp.float32)
     logprobs = jax.nn.log_softmax(scaled, axis=-1)
     token_logprobs = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     return tokens.astype(jnp.int32), token_logprobs
@@ -290,6 +295,7 @@ def generate(
     seed: int = 0,
     rng: jax.Array | None = None,
     prompt_mask: np.ndarray | jax.Array | None = None,
+    logprobs: bool = True,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens for each prompt with a KV cache.
 
@@ -299,11 +305,12 @@ def generate(
     e.g. `config.eos_token_id`) or any of `stop_ids`; that token is kept in `tokens` and later slots hold
     `pad_id` (default: the model config's pad id, else 0). Nothing stops generation unless given here.
     `temperature=0` is greedy; otherwise sampling uses `rng` (or `seed`) and is reproducible for the same
-    key. See the module docstring for which log-probs are returned.
+    key. See the module docstring for which log-probs are returned; `logprobs=False` skips computing them (the
+    result's `logprobs` are then 0), which saves a full-vocabulary log-softmax per token.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    settings = SamplingSettings(float(temperature), float(top_p), int(top_k))
+    settings = SamplingSettings(float(temperature), float(top_p), int(top_k), bool(logprobs))
     ids, mask, stops, pad_id = prepare_prompts(model.config, prompts, prompt_mask, eos_id=eos_id, stop_ids=stop_ids,
                                                pad_id=pad_id)
     key = jax.random.key(seed) if rng is None else rng
