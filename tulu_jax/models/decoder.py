@@ -275,6 +275,40 @@ class Decoder(nnx.Module):
         cache = KVCache(k=constrain(k_all, CACHE), v=constrain(v_all, CACHE), index=index + t)
         return self.lm_head(h), cache
 
+    def decode_rows(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, key_mask: jax.Array,
+                    write_slots: jax.Array) -> tuple[jax.Array, KVCache]:
+        """One decode step where every row has its own cache slot (continuous batching, `tulu_jax.rl.engine`):
+        token [B] at RoPE position positions [B] is written at cache slot write_slots[b] of row b, then attends to
+        the slots j with key_mask[b, j] (bool [B, S]; the caller sets the written slot, and no slot after it, true).
+        Returns float32 logits [B, V] and the cache (its `index` untouched). No sliding-window layers."""
+        cfg = self.config
+        if any(cfg.sliding_layers):
+            raise ValueError("decode_rows does not support sliding-window layers (per-row windows are not built)")
+        rows = jnp.arange(tokens.shape[0])
+        inputs = LayerInputs.build(cfg, positions[:, None], key_mask[:, None, :], jnp.zeros((1,), jnp.int32))
+
+        def body(carry: tuple[jax.Array, jax.Array, jax.Array],
+                 xs: tuple[dict[str, jax.Array], jax.Array]) -> tuple[tuple[jax.Array, jax.Array, jax.Array], None]:
+            h, k_all, v_all = carry
+            p, layer = xs
+
+            def attend_rows(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, Any]:
+                # Scatter each row's new key/value into its own slot of the carried cache (updated in place).
+                k_new = k_all.at[layer, rows, write_slots].set(k[:, 0].astype(k_all.dtype))
+                v_new = v_all.at[layer, rows, write_slots].set(v[:, 0].astype(v_all.dtype))
+                keys = jax.lax.dynamic_index_in_dim(k_new, layer, keepdims=False)
+                values = jax.lax.dynamic_index_in_dim(v_new, layer, keepdims=False)
+                return attend(q, keys, values, inputs.full.mask, softcap=cfg.attn_logit_softcap), (k_new, v_new)
+
+            h, (k_all, v_all) = _block(cfg, p, h, inputs.full.cos, inputs.full.sin, attend_rows)
+            return (h, k_all, v_all), None
+
+        layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (h, k_all, v_all), _ = jax.lax.scan(body, (self._embed(tokens[:, None]), cache.k, cache.v),
+                                            (self.layers.stacked(), layers))
+        h = _norm(cfg, h, self.final_norm[...].astype(cfg.compute_dtype))
+        return self.lm_head(h)[:, 0], KVCache(k=k_all, v=v_all, index=cache.index)
+
     def _embed(self, input_ids: jax.Array) -> jax.Array:
         dt = self.config.compute_dtype
         # Gather the table's hidden axis first (the all-gather FSDP does for every weight): a lookup into a
