@@ -33,7 +33,9 @@ def test_a_batch_that_does_not_split_over_the_batch_axes_is_a_note():
 
 
 def test_markdown_rows_match_the_header():
-    done = TableRow("8b", "sft", "v5p-64", gib=13.46, hbm_gib=95, fits=True, compile_seconds=41.6, tflops=5.52)
-    assert done.markdown() == "| 8B | sft | v5p-64 | 13.5 / 95 | yes | 42 | 5.5 |  |"
-    assert TableRow("70b", "dpo", "v6e-256", note="why").markdown() == "| 70B | dpo | v6e-256 | — | — | — | — | why |"
+    done = TableRow("8b", "sft", "v5p-64", gib=13.46, hbm_gib=95, fits=True, compile_seconds=41.6, tflops=5.52,
+                    best_mfu=0.614)
+    assert done.markdown() == "| 8B | sft | v5p-64 | 13.5 / 95 | yes | 42 | 5.5 | 61% |  |"
+    assert TableRow("70b", "dpo", "v6e-256", note="why").markdown() == (
+        "| 70B | dpo | v6e-256 | — | — | — | — | — | why |")
     assert done.markdown().count("|") == HEADER.splitlines()[0].count("|")

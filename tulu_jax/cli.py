@@ -5,7 +5,7 @@
     tulu-jax eval --model HF_DIR --data FILE.jsonl [--sharding SHARDING] [...]
     tulu-jax pipeline --config configs/tiny_arith.yaml [--resume [--allow-config-change]] [--set key=value ...]
     tulu-jax compile-check --config CONFIG --sharding SHARDING [--set key=value ...] [--show-shardings]
-    tulu-jax compile-check --table                          (the memory table of docs/memory.md)
+    tulu-jax compile-check --table [--table-cells JSONL] [--table-doc MD]   (the memory table of docs/memory.md)
     tulu-jax decontaminate --train DATA... --eval DATA... [--ngram 8] [--threshold 0.5] [--out DIR]
     tulu-jax convert to-orbax --hf HF_DIR --out DIR        (HF weights → orbax params checkpoint)
     tulu-jax convert to-hf --run-dir RUN_DIR --out DIR     (a run's checkpoint → HF directory)
@@ -61,6 +61,10 @@ def compile_check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--show-shardings", action="store_true", help="also list the activation shardings")
     parser.add_argument("--table", action="store_true",
                         help="compile every recipe config on every pod sharding file; print a markdown memory table")
+    parser.add_argument("--table-cells", default=None, metavar="JSONL",
+                        help="with --table: keep finished rows in this file and compile only the missing ones")
+    parser.add_argument("--table-doc", default=None, metavar="MARKDOWN",
+                        help="with --table: rewrite the table section of this markdown file after every row")
 
 
 def convert_arguments(parser: argparse.ArgumentParser) -> None:

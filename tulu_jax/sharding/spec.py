@@ -58,6 +58,9 @@ class ShardingSpec:
     rules: dict[str, str | list[str] | None] = dataclasses.field(default_factory=dict)
     topology: str | None = None  # TPU topology for AOT compilation, e.g. "v5p:2x2x1"
     platform: Literal["cpu", "gpu", "tpu"] | None = None
+    # One chip's peak dense bfloat16 FLOP/s and HBM bytes/s (the vendor's figures; the roofline of compile-check)
+    peak_bf16_flops: float | None = None
+    hbm_bandwidth: float | None = None
     source: str = dataclasses.field(default="<ShardingSpec>", init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -68,6 +71,9 @@ class ShardingSpec:
                 raise ConfigError(f"mesh axis name 'mesh.{name}' is not an identifier")
             if size != -1 and size < 1:
                 raise ConfigError(f"'mesh.{name}' must be a positive size or -1, got {size}")
+        for key in ("peak_bf16_flops", "hbm_bandwidth"):
+            if getattr(self, key) is not None and not getattr(self, key) > 0:
+                raise ConfigError(f"'{key}' must be a positive number, got {getattr(self, key)}")
         if sum(size == -1 for size in self.mesh.values()) > 1:
             raise ConfigError("at most one mesh axis may be -1 ('the rest of the devices')")
         axes = list(self.mesh)

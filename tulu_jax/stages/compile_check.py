@@ -32,6 +32,7 @@ from tulu_jax.sharding import (
     memory_report,
     tpu_topology_mesh,
 )
+from tulu_jax.sharding.roofline import Roofline, cost_analysis
 from tulu_jax.stages.paths import resolve_path
 from tulu_jax.stages.registry import STAGES, get_stage
 from tulu_jax.stages.sections import load_stage_config
@@ -54,6 +55,8 @@ class CompileCheckResult:
     compile_seconds: float
     reason: str | None = None
     flops: float | None = None  # XLA's cost analysis of the compiled per-device program
+    bytes_accessed: float | None = None
+    roofline: Roofline | None = None  # when the sharding file gives the chip's peaks
     constraints: list[ConstraintRecord] = dataclasses.field(default_factory=list)
 
 
@@ -79,12 +82,6 @@ def per_device_bytes(tree: Any) -> int:
     """Σ over the leaves of abstract sharded arrays of one device's shard size."""
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
                for x in jax.tree.leaves(tree))
-
-
-def _compiled_flops(compiled: Any) -> float | None:
-    analysis = compiled.cost_analysis()
-    analysis = analysis[0] if isinstance(analysis, (list, tuple)) and analysis else analysis
-    return float(analysis["flops"]) if isinstance(analysis, dict) and "flops" in analysis else None
 
 
 def _build_step(stage: str, config_path: str, sharding_path: str, overrides: tuple[str, ...],
@@ -142,8 +139,12 @@ def compile_check(
                                       constraints=constraints)
     seconds = time.perf_counter() - start
     report = memory_report(compiled)
-    return CompileCheckResult(bool(report["fits"]), report, summary, seconds, flops=_compiled_flops(compiled),
-                              constraints=constraints)
+    flops, nbytes = cost_analysis(compiled)
+    roofline = None
+    if None not in (flops, nbytes, spec.peak_bf16_flops, spec.hbm_bandwidth):
+        roofline = Roofline(flops, nbytes, spec.peak_bf16_flops, spec.hbm_bandwidth)
+    return CompileCheckResult(bool(report["fits"]), report, summary, seconds, flops=flops, bytes_accessed=nbytes,
+                              roofline=roofline, constraints=constraints)
 
 
 def format_constraints(constraints: list[ConstraintRecord]) -> str:
@@ -155,8 +156,10 @@ def format_constraints(constraints: list[ConstraintRecord]) -> str:
 def format_result(result: CompileCheckResult, topology: str | None) -> str:
     """The human-readable report: per-device memory by kind, the total against HBM, and the verdict."""
     lines = [result.summary, f"compiled for {topology} in {result.compile_seconds:.1f} s"]
-    if result.flops is not None:
-        lines.append(f"XLA cost analysis: {result.flops / 1e12:.1f} TFLOP per device per step")
+    if result.roofline is not None:
+        lines.append(result.roofline.describe())
+    elif result.flops is not None:
+        lines.append(f"XLA cost analysis: {result.flops / 1e12:.2f} TFLOP per device (loop bodies counted once)")
     if result.report is None:
         lines.append(f"does NOT fit: {result.reason}")
         return "\n".join(lines)
