@@ -53,6 +53,9 @@ def test_tiny_sft_step_compiles_for_v5p_and_reports_memory(tiny_result, monkeypa
     out = capsys.readouterr().out
     assert out == format_result(tiny_result, "v5p:2x2x1") + "\n"
     assert "compiled for v5p:2x2x1" in out and "per-device memory on TPU v5:" in out
+    # model.attention auto on a TPU topology: the splash kernel, as Mosaic custom calls in the compiled HLO
+    assert tiny_result.kernel_calls > 0
+    assert f"Pallas TPU kernel calls (splash attention) in the compiled program: {tiny_result.kernel_calls}" in out
     for label in ("arguments", "temporaries", "outputs", "total"):
         assert f"  {label}" in out
     assert "of 95 GiB HBM" in out and out.rstrip().endswith("fits")
@@ -75,9 +78,9 @@ def test_memory_report_accounts_for_the_sharded_state_and_batch(tiny_result):
 
 
 def test_a_step_that_does_not_fit_says_so_and_exits_1(capsys):
-    # 256 sequences of 4096 tokens per chip without remat: hundreds of GiB of activations.
+    # 1024 sequences of 4096 tokens per chip without remat: ~180 GiB of activations even with the splash kernel.
     argv = ["compile-check", "--config", TINY_CONFIG, "--sharding", V5P_8,
-            "--set", "train.global_batch_size=1024", "--set", "data.max_seq_len=4096"]
+            "--set", "train.global_batch_size=4096", "--set", "data.max_seq_len=4096"]
     assert cli.main(argv) == 1
     captured = capsys.readouterr()
     assert "does NOT fit" in captured.out and "RESOURCE_EXHAUSTED" in captured.out
@@ -101,3 +104,31 @@ def test_a_sharding_file_without_topology_is_a_config_error(capsys):
     cpu8 = str(REPO / "sharding" / "cpu-8.yaml")
     assert cli.main(["compile-check", "--config", TINY_CONFIG, "--sharding", cpu8]) == 1
     assert "'topology' is not set" in capsys.readouterr().err
+
+
+def test_the_roofline_of_the_compiled_step_from_xla_cost_analysis(tiny_result):
+    r = tiny_result.roofline
+    spec = load_sharding(V5P_8)  # the chip's peaks come from the sharding file
+    assert (r.peak_flops, r.bandwidth) == (spec.peak_bf16_flops, spec.hbm_bandwidth) == (459e12, 2765e9)
+    assert r.flops == tiny_result.flops > 0 and r.bytes_accessed == tiny_result.bytes_accessed > 0
+    assert r.bound_seconds == max(r.flops / 459e12, r.bytes_accessed / 2765e9)
+    # the best MFU is the arithmetic intensity over the chip's ridge point, capped at 1
+    assert r.best_mfu == pytest.approx(min(1.0, (r.flops / r.bytes_accessed) / (459e12 / 2765e9)))
+    assert r.describe() in format_result(tiny_result, "v5p:2x2x1")
+    assert "HBM bandwidth-bound" in r.describe()  # a 64-wide model moves far more bytes than it multiplies
+
+
+def test_roofline_arithmetic_and_every_pod_file_names_its_chip_peaks():
+    from tulu_jax.sharding.roofline import Roofline
+
+    compute_bound = Roofline(flops=2e12, bytes_accessed=1e9, peak_flops=1e12, bandwidth=1e9)
+    assert (compute_bound.bound_seconds, compute_bound.best_mfu) == (2.0, 1.0)
+    assert "compute-bound" in compute_bound.describe() and "best MFU 100%" in compute_bound.describe()
+    memory_bound = Roofline(flops=1e12, bytes_accessed=4e9, peak_flops=1e12, bandwidth=1e9)
+    assert (memory_bound.bound_seconds, memory_bound.best_mfu) == (4.0, 0.25)
+    for path in sorted((REPO / "sharding").glob("*.yaml")):
+        spec = load_sharding(path)
+        if spec.platform in ("tpu", "gpu"):
+            assert spec.peak_bf16_flops and spec.hbm_bandwidth, path.name
+    with pytest.raises(ConfigError, match="'hbm_bandwidth' must be a positive number"):
+        load_sharding(V5P_8, ["hbm_bandwidth=0"])

@@ -66,6 +66,11 @@ def activation_sharding(mesh: Mesh, rules: Rules | ShardingSpec) -> Iterator[Non
         _ACTIVE.reset(token)
 
 
+def active_sharding() -> tuple[Mesh, Rules] | None:
+    """The (mesh, rules) of the active `activation_sharding` context, None outside one."""
+    return _ACTIVE.get()
+
+
 def activation_spec(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mesh,
                     rules: Rules) -> PartitionSpec:
     """The PartitionSpec of an activation; a dimension its mesh axes do not divide stays whole (replicated)."""

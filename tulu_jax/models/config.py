@@ -63,6 +63,7 @@ _MODEL_TYPE_TO_ARCH = {spec["model_type"]: arch for arch, spec in _FAMILIES.item
 _LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 _DTYPES = ("float32", "bfloat16")
 _REMATS = ("none", "layer", "dots")
+ATTENTION_CHOICES = ("auto", "einsum", "splash", "cudnn")
 _PLACEMENTS = ("pre", "post", "sandwich")
 _ACTIVATIONS = ("silu", "gelu_tanh")
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -86,6 +87,8 @@ class ModelConfig:
     `local_rope_theta` (Gemma 3: sliding layers' unscaled RoPE base; None = the global RoPE everywhere).
     `logits_chunk_size`: sequence positions per chunk when a loss asks for token log-probs (`Decoder.token_logps`
     never holds more than [B, chunk, V] float32 logits); like dtypes and remat it is not part of the HF config.
+    `attention`: the training forward's attention, auto | einsum | splash | cudnn (`models/fused_attention.py`);
+    not part of the HF config either.
     """
 
     vocab_size: int
@@ -107,6 +110,7 @@ class ModelConfig:
     compute_dtype: DType = "float32"
     remat: Remat = "none"
     logits_chunk_size: int = 512
+    attention: str = "auto"
     architecture: str = "LlamaForCausalLM"
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
@@ -136,6 +140,7 @@ class ModelConfig:
         if self.head_dim % 2:
             raise bad("head_dim", f"RoPE needs an even head_dim, got {self.head_dim}")
         for field, allowed in (("param_dtype", _DTYPES), ("compute_dtype", _DTYPES), ("remat", _REMATS),
+                               ("attention", ATTENTION_CHOICES),
                                ("norm_placement", _PLACEMENTS), ("hidden_act", _ACTIVATIONS),
                                ("architecture", tuple(_FAMILIES))):
             if getattr(self, field) not in allowed:

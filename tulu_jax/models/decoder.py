@@ -18,6 +18,7 @@ from flax import nnx
 from tulu_jax.models.activation_sharding import constrain
 from tulu_jax.models.attention import attend, cache_mask, segment_causal_mask
 from tulu_jax.models.config import ModelConfig
+from tulu_jax.models.fused_attention import layer_attend
 from tulu_jax.models.lm_head import chunked_token_logps
 from tulu_jax.models.layer_pattern import LayerInputs, sliding_flags
 from tulu_jax.models.rope import apply_rope
@@ -208,8 +209,8 @@ class Decoder(nnx.Module):
         def body(h: jax.Array, xs: tuple[dict[str, jax.Array], jax.Array]) -> tuple[jax.Array, None]:
             p, sliding = xs
             layer = inputs.at(sliding)
-            h, _ = _block(cfg, p, h, layer.cos, layer.sin,
-                          lambda q, k, v: (attend(q, k, v, layer.mask, softcap=cfg.attn_logit_softcap), None))
+            h, _ = _block(cfg, p, h, layer.cos, layer.sin, lambda q, k, v: (layer_attend(
+                cfg, q, k, v, mask=layer.mask, segment_ids=segment_ids, sliding=sliding), None))
             return h, None
 
         h, _ = jax.lax.scan(_remat(cfg, body), self._embed(input_ids), (self.layers.stacked(), sliding_flags(cfg)))

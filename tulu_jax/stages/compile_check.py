@@ -38,6 +38,7 @@ from tulu_jax.stages.registry import STAGES, get_stage
 from tulu_jax.stages.sections import load_stage_config
 
 _GIB = 1024**3
+_MOSAIC = 'custom_call_target="tpu_custom_call"'  # how a Pallas TPU kernel appears in compiled HLO
 
 
 def _size(nbytes: int) -> str:
@@ -57,6 +58,7 @@ class CompileCheckResult:
     flops: float | None = None  # XLA's cost analysis of the compiled per-device program
     bytes_accessed: float | None = None
     roofline: Roofline | None = None  # when the sharding file gives the chip's peaks
+    kernel_calls: int = 0  # Mosaic (Pallas TPU kernel) custom calls in the compiled program: the splash attention
     constraints: list[ConstraintRecord] = dataclasses.field(default_factory=list)
 
 
@@ -144,7 +146,8 @@ def compile_check(
     if None not in (flops, nbytes, spec.peak_bf16_flops, spec.hbm_bandwidth):
         roofline = Roofline(flops, nbytes, spec.peak_bf16_flops, spec.hbm_bandwidth)
     return CompileCheckResult(bool(report["fits"]), report, summary, seconds, flops=flops, bytes_accessed=nbytes,
-                              roofline=roofline, constraints=constraints)
+                              roofline=roofline, kernel_calls=compiled.as_text().count(_MOSAIC),
+                              constraints=constraints)
 
 
 def format_constraints(constraints: list[ConstraintRecord]) -> str:
@@ -156,6 +159,8 @@ def format_constraints(constraints: list[ConstraintRecord]) -> str:
 def format_result(result: CompileCheckResult, topology: str | None) -> str:
     """The human-readable report: per-device memory by kind, the total against HBM, and the verdict."""
     lines = [result.summary, f"compiled for {topology} in {result.compile_seconds:.1f} s"]
+    if result.report is not None:
+        lines.append(f"Pallas TPU kernel calls (splash attention) in the compiled program: {result.kernel_calls}")
     if result.roofline is not None:
         lines.append(result.roofline.describe())
     elif result.flops is not None:

@@ -158,7 +158,7 @@ def stage_config(
     _check_owned(section, stage, source)
     model = dump_config(config.model) if model_path is None else {"path": model_path}
     if model_path is not None:  # dtypes and remat carry over; the shape comes from the checkpoint
-        model.update({k: getattr(config.model, k) for k in ("param_dtype", "compute_dtype", "remat")})
+        model.update({k: getattr(config.model, k) for k in ("param_dtype", "compute_dtype", "remat", "attention")})
     data = dict(section.pop("data", {}) or {})
     data["sources"] = [{"path": str(run_dir / "data" / spec.data_file)}]
     data.setdefault("seed", config.seed)

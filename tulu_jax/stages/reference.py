@@ -161,7 +161,7 @@ def reference_fingerprint(
     """Everything the cached reference log-probs depend on, as JSON-able data (see the module docstring)."""
     return {
         "model_params": params_fingerprint(params),
-        "model_config": {k: v for k, v in dict(model_config).items() if k not in ("remat", "logits_chunk_size")},
+        "model_config": {k: v for k, v in dict(model_config).items() if k not in ("remat", "logits_chunk_size", "attention")},
         "data": data_fingerprint(pairs),
         "num_pairs": len(pairs),
         "max_seq_len": max_seq_len,

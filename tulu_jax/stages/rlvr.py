@@ -194,7 +194,7 @@ class RLVRStage(TrainingStage):
                 abstract = nnx.eval_shape(lambda: RewardModel(setup.model_config, nnx.Rngs(0)))
             model = load_hf_reward_model(path, shardings=shard_fn(nnx.state(abstract)), overrides=dict(
                 param_dtype=setup.model_config.param_dtype, compute_dtype=setup.model_config.compute_dtype,
-                remat=setup.model_config.remat))
+                remat=setup.model_config.remat, attention=setup.model_config.attention))
             check_value_model_matches(setup.model_config, model.config, source=f"rlvr.value_model_path {path}")
         else:
             model = reward_model_from_decoder(setup.state.model(), nnx.Rngs(seed))

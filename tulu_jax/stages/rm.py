@@ -195,7 +195,8 @@ class RMStage(TrainingStage):
             from tulu_jax.models.hf_reward_io import _CAUSAL
 
             fields = dict(config.model.overrides, param_dtype=config.model.param_dtype,
-                          compute_dtype=config.model.compute_dtype, remat=config.model.remat)
+                          compute_dtype=config.model.compute_dtype, remat=config.model.remat,
+                          attention=config.model.attention)
             try:
                 model_config = ModelConfig.from_hf_config(
                     {**hf, "architectures": [_CAUSAL[hf["architectures"][0]]]},
@@ -230,7 +231,7 @@ class RMStage(TrainingStage):
         path = resolve_path(config.model.path)
         fields = dict(config.model.overrides, param_dtype=model_config.param_dtype,
                       compute_dtype=model_config.compute_dtype, remat=model_config.remat,
-                      pad_token_id=model_config.pad_token_id)
+                      attention=model_config.attention, pad_token_id=model_config.pad_token_id)
         with nnx.use_eager_sharding(False):
             if _reward_config_json(config.model) is not None:
                 shardings = shard_fn(nnx.state(nnx.eval_shape(lambda: RewardModel(model_config, nnx.Rngs(0)))))

@@ -37,6 +37,8 @@ class ModelSection:
     not (so a recipe config can hold a placeholder path). overrides: other ModelConfig fields (e.g. num_layers,
     vocab_size, rope_theta). param_dtype: master weights (and optimizer moments); compute_dtype: the forward and
     backward (float32 masters with bfloat16 compute is the recipe's "bf16"); remat: activation recomputation.
+    attention: the training forward's attention, auto (splash kernel on TPU, cuDNN on GPU, einsum on CPU) | einsum |
+    splash | cudnn (`tulu_jax.models.fused_attention`).
     """
 
     path: str | None = None
@@ -45,11 +47,12 @@ class ModelSection:
     param_dtype: DType = "float32"
     compute_dtype: DType = "float32"
     remat: Literal["none", "layer", "dots"] = "none"
+    attention: Literal["auto", "einsum", "splash", "cudnn"] = "auto"
 
     def __post_init__(self) -> None:
         if self.path is None and self.preset is None:
             raise ValueError("'model' needs 'path' (an HF directory) or 'preset' (e.g. tiny, llama3.1-8b)")
-        managed = {"param_dtype", "compute_dtype", "remat"} & set(self.overrides)
+        managed = {"param_dtype", "compute_dtype", "remat", "attention"} & set(self.overrides)
         if managed:
             raise ValueError(f"set {sorted(managed)} as 'model.<key>', not in 'model.overrides'")
 

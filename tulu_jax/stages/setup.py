@@ -116,7 +116,7 @@ def resolve_model_config(
     a missing `path` falls back to the preset's shapes.
     """
     fields = dict(section.overrides, param_dtype=section.param_dtype, compute_dtype=section.compute_dtype,
-                  remat=section.remat)
+                  remat=section.remat, attention=section.attention)
     config_json = resolve_path(section.path) / "config.json" if section.path is not None else None
     if config_json is not None and (config_json.is_file() or section.preset is None or not allow_preset_fallback):
         if not config_json.is_file():
@@ -186,7 +186,7 @@ def init_stage_state(
         abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
     param_shardings = shard_fn(nnx.state(abstract))
     fields = dict(section.overrides, param_dtype=config.param_dtype, compute_dtype=config.compute_dtype,
-                  remat=config.remat)
+                  remat=config.remat, attention=config.attention)
     model = load_hf_checkpoint(resolve_path(section.path), shardings=param_shardings, overrides=fields)
     return _state_from_model(model, optimizer, mesh, shard_fn, seed)
 

@@ -60,7 +60,7 @@ def build_teacher(
         with nnx.use_eager_sharding(False):
             abstract_model = nnx.eval_shape(make)
         fields = dict(section.overrides, param_dtype=config.param_dtype, compute_dtype=config.compute_dtype,
-                      remat=config.remat)
+                      remat=config.remat, attention=config.attention)
         model = load_hf_checkpoint(resolve_path(section.path), shardings=shard_fn(nnx.state(abstract_model)),
                                    overrides=fields)
     graphdef, params, model_state = split_model(model)
