@@ -57,3 +57,13 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, pipeline_cache: path
     directory = tmp_path_factory.mktemp("pipeline")
     out, err = finish(start(write_config(directory), pipeline_cache))
     return directory / "run", out, err
+
+
+@pytest.fixture(scope="session")
+def short_comparison(tmp_path_factory: pytest.TempPathFactory, uninterrupted: tuple[pathlib.Path, str, str],
+                     pipeline_cache: pathlib.Path) -> tuple[pathlib.Path, str]:
+    """`tulu-jax distill-compare` with tiny settings, the shortened pipeline's final model as teacher: (its run
+    dir, stdout)."""
+    from test_distill_compare import run_comparison
+
+    return run_comparison(tmp_path_factory.mktemp("compare"), uninterrupted[0], pipeline_cache)

@@ -4,6 +4,7 @@
     tulu-jax dpo --config CONFIG --sharding SHARDING [--set key=value ...] [--resume [--allow-config-change]]
     tulu-jax eval --model HF_DIR --data FILE.jsonl [--sharding SHARDING] [...]
     tulu-jax pipeline --config configs/tiny_arith.yaml [--resume [--allow-config-change]] [--set key=value ...]
+    tulu-jax distill-compare --config configs/tiny_arith_distill.yaml [--resume] [--set key=value ...]
     tulu-jax compile-check --config CONFIG --sharding SHARDING [--set key=value ...] [--show-shardings]
     tulu-jax compile-check --table [--table-cells JSONL] [--table-doc MD]   (the memory table of docs/memory.md)
     tulu-jax decontaminate --train DATA... --eval DATA... [--ngram 8] [--threshold 0.5] [--out DIR]
@@ -128,6 +129,11 @@ COMMANDS: dict[str, Command] = {
     ),
     "pipeline": Command(
         "tulu_jax.stages.pipeline:main", "the recipe end to end on a toy world, evaluated after every stage",
+        pipeline_arguments,
+    ),
+    "distill-compare": Command(
+        "tulu_jax.stages.distill_compare:main",
+        "one student by SFT, offline and on-policy distillation from a pipeline's final model, evaluated",
         pipeline_arguments,
     ),
     "distill-targets": Command(

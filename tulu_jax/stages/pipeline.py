@@ -41,7 +41,7 @@ from tulu_jax.config import dump_config, from_dict, load_config
 from tulu_jax.errors import ConfigError, DataError
 from tulu_jax.stages.paths import resolve_path
 from tulu_jax.stages.registry import get_stage
-from tulu_jax.stages.resume import check_resume, checkpoint_steps
+from tulu_jax.stages.resume import check_resume, parts_state
 from tulu_jax.stages.sections import ModelSection
 from tulu_jax.stages.summary import (
     EVAL_FILE,
@@ -377,10 +377,8 @@ def run_pipeline(
     a finished stage or a checkpoint is continued only with `resume`, and with the same config unless
     `allow_config_change` (tulu_jax.stages.resume)."""
     run_dir = pathlib.Path(config.run_dir)
-    finished = [s for s in config.stages if (run_dir / s / STAGE_FILE).is_file()]
-    started = [s for s in config.stages if s not in finished and checkpoint_steps(run_dir / s / "checkpoints")]
-    existing = ", ".join([*(f"stage {s} finished" for s in finished), *(f"stage {s} checkpointed" for s in started)])
-    check_resume(run_dir, PIPELINE_FILE, dump_config(config), existing=existing or None, resume=resume,
+    _, existing = parts_state(run_dir, config.stages, "stage", STAGE_FILE)
+    check_resume(run_dir, PIPELINE_FILE, dump_config(config), existing=existing, resume=resume,
                  allow_config_change=allow_config_change)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / PIPELINE_FILE).write_text(yaml.safe_dump(dump_config(config), sort_keys=False))

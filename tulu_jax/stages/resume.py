@@ -16,7 +16,7 @@ import datetime
 import json
 import pathlib
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import yaml
@@ -67,6 +67,15 @@ def checkpoint_steps(directory: pathlib.Path) -> list[int]:
     if not directory.is_dir():
         return []
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def parts_state(run_dir: pathlib.Path, parts: Sequence[str], kind: str, marker: str) -> tuple[list[str], str | None]:
+    """A run directory of several parts in `run_dir/<part>` (pipeline stages, comparison arms): the parts finished
+    (holding `marker`) and what run_dir holds, for `check_resume`'s `existing` (None when nothing)."""
+    finished = [p for p in parts if (run_dir / p / marker).is_file()]
+    started = [p for p in parts if p not in finished and checkpoint_steps(run_dir / p / "checkpoints")]
+    existing = ", ".join([*(f"{kind} {p} finished" for p in finished), *(f"{kind} {p} checkpointed" for p in started)])
+    return finished, existing or None
 
 
 def check_stage_resume(output: Any, config: Mapping[str, Any], *, write: bool) -> None:
