@@ -5,8 +5,8 @@ the data is tokenized exactly as the stage would (`tulu_jax.stages.sft.prepare_s
 `targets.batch_size` rows at a time on the mesh (a jitted pass with the teacher's parameters as arguments), and each
 distilled position keeps K ids and probabilities (T = 1): `top_k`, or `sampled` (K ids without replacement with
 probability proportional to the teacher's, Gumbel top-k; Gemma 3's 256 sampled logits) with a key per (seed,
-shard, batch). Shards whose file exists are skipped (a resumed run writes each shard once); process 0 writes, after
-every process took part in the pass. The manifest must match a resumed run's settings.
+shard, batch). Shards whose file exists (as process 0 sees it) are skipped, so a resumed run writes each shard once;
+every process takes part in each pass and process 0 writes. The manifest must match a resumed run's settings.
 """
 
 from __future__ import annotations
@@ -47,15 +47,27 @@ def sparse_targets(logits: jax.Array, k: int, mode: str, key: jax.Array) -> tupl
 
 
 def build_target_fn(teacher: FrozenModel, k: int, mode: str, batch_shardings: Any) -> Any:
-    """Jitted `(teacher, batch, key) -> (ids, probs)` [B, T, K], the teacher's arrays as arguments."""
-    cube = NamedSharding(batch_shardings.mesh, PartitionSpec(*batch_shardings.spec, None))
+    """Jitted `(teacher, batch, key) -> (ids, probs)` [B, T, K], the teacher's arrays as arguments. The targets
+    come back replicated: every process can read them (a multi-host run; they are K / V of the logits' size)."""
 
     def fn(frozen: FrozenModel, batch: Batch, key: jax.Array) -> tuple[jax.Array, jax.Array]:
         logits = frozen.model()(batch.input_ids, positions=batch.positions, segment_ids=batch.segment_ids)
         return sparse_targets(logits, k, mode, key)
 
     replicated = NamedSharding(batch_shardings.mesh, PartitionSpec())
-    return jax.jit(fn, in_shardings=(shardings_of(teacher), batch_shardings, replicated), out_shardings=(cube, cube))
+    return jax.jit(fn, in_shardings=(shardings_of(teacher), batch_shardings, replicated),
+                   out_shardings=(replicated, replicated))
+
+
+def missing_shards(directory: pathlib.Path, num_shards: int) -> list[int]:
+    """The shards without a file, as process 0 sees them: every process of a multi-host run computes the same
+    shards (their passes hold collectives), and process 0 is the one that writes."""
+    missing = np.array([not shard_path(directory, s).is_file() for s in range(num_shards)])
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        missing = np.asarray(multihost_utils.broadcast_one_to_all(missing))
+    return [int(s) for s in np.flatnonzero(missing)]
 
 
 def _check_manifest(directory: pathlib.Path, manifest: TargetsManifest) -> None:
@@ -100,11 +112,10 @@ def write_targets(config: DistillConfig, sharding: str | os.PathLike[str], devic
         manifest.save(directory)
     matrix = batch_sharding(mesh, spec)
     target_fn = build_target_fn(teacher, targets.k, targets.mode, matrix)
-    seq_len, size, counts = config.data.max_seq_len, targets.batch_size, {"written": 0, "skipped": 0}
-    for s in range(manifest.num_shards):
-        if shard_path(directory, s).is_file():
-            counts["skipped"] += 1
-            continue
+    seq_len, size = config.data.max_seq_len, targets.batch_size
+    missing = missing_shards(directory, manifest.num_shards)
+    counts = {"written": 0, "skipped": manifest.num_shards - len(missing)}
+    for s in missing:
         shard_rows = rows[s * targets.rows_per_shard: (s + 1) * targets.rows_per_shard]
         out = []
         for b in range(0, len(shard_rows), size):
