@@ -13,9 +13,12 @@ import sys
 import pytest
 import yaml
 
+from tulu_jax.config import dump_config
 from tulu_jax.errors import ConfigError
 from tulu_jax.rl.verifiers import verify
 from tulu_jax.stages import distill_compare
+from tulu_jax.stages.pipeline import load_pipeline_config
+from tulu_jax.stages.pipeline_run import open_run
 from tulu_jax.stages.summary import wilson_interval
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -34,7 +37,6 @@ SHORT = {
     "sft": {"train": {"loss_reduction": "mean"}},
     "distill": {"lambda_on_policy": 1.0, "max_new_tokens": 16,
                 "targets": {"k": 16, "rows_per_shard": 128, "batch_size": 40}},
-    "eval": {"max_new_tokens": 16, "batch_size": 24},
 }
 
 
@@ -130,8 +132,10 @@ def test_bad_configs_fail_before_anything_runs(tmp_path, changes, message):
 
 
 def test_a_teacher_run_without_a_finished_model_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="run `tulu-jax pipeline` there first"):
-        distill_compare.teacher_model_dir(tmp_path, None)
-    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({"stages": ["base", "sft"]}))
-    with pytest.raises(ConfigError, match="no stage is finished"):
-        distill_compare.teacher_model_dir(tmp_path, None)
+    with pytest.raises(ConfigError, match="not a pipeline run directory"):
+        distill_compare.teacher_model_dir(open_run(tmp_path), None)
+    config = dump_config(load_pipeline_config("configs/tiny_arith.yaml"))
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "world.json").write_text("{}")
+    with pytest.raises(ConfigError, match="no stage is finished with an evaluated model"):
+        distill_compare.teacher_model_dir(open_run(tmp_path), None)

@@ -14,10 +14,11 @@ the same steps, batch and optimizer; the arms differ only in the targets:
   scored by the teacher, generalized JSD with β).
 
 Each arm's run goes to `run_dir/<arm>` (checkpoints, metrics.jsonl, hf/), is evaluated greedily on the 200 held-out
-problems (`<arm>/eval.jsonl`, `tulu_jax.stages.eval.evaluate`; with `eval_checkpoints` its earlier kept checkpoints
-too, `<arm>/eval_curve/<step>.jsonl`, for accuracy curves) and marked finished by `<arm>/stage.json` (written last;
-`--resume` skips finished arms and resumes an interrupted one from its checkpoint). The table, with exact counts and
-95% Wilson intervals recomputed from the eval files, goes to `comparison.{md,json}`.
+problems as the teacher run evaluates its stages (`<arm>/eval.jsonl`, `PipelineRun.evaluate`; with
+`eval_checkpoints` its earlier kept checkpoints too, `<arm>/eval_curve/<step>.jsonl`, for accuracy curves) and
+marked finished by `<arm>/stage.json` (written last; `--resume` skips finished arms and resumes an interrupted one
+from its checkpoint). The table, with exact counts and 95% Wilson intervals recomputed from the eval files, goes to
+`comparison.{md,json}`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import yaml
 
 from tulu_jax.config import dump_config, from_dict
 from tulu_jax.errors import ConfigError
-from tulu_jax.stages.pipeline import PIPELINE_FILE, EvalSection
+from tulu_jax.stages.pipeline_run import PipelineRun, open_run
 from tulu_jax.stages.registry import get_stage
 from tulu_jax.stages.resume import check_resume, checkpoint_steps, parts_state
 from tulu_jax.stages.sections import ModelSection, load_stage_config
@@ -54,7 +55,8 @@ class CompareConfig:
     """A comparison (module docstring). `data`, `optim`, `train`, `output`: sections shared by every arm (the data
     sources, run dirs and model are set here); `sft`: keys merged into the SFT arm's config only; `distill`: the
     distill section of both distillation arms (divergence, β, λ, targets' k/mode; not mode/teacher).
-    `eval_checkpoints`: also evaluate every kept checkpoint (an accuracy curve per arm, `<arm>/eval_curve/`)."""
+    Evaluation uses the teacher run's `eval` settings; `eval_checkpoints`: also evaluate every kept checkpoint (an
+    accuracy curve per arm, `<arm>/eval_curve/`)."""
 
     student: ModelSection
     teacher_run: str = "runs/tiny_arith"
@@ -67,7 +69,6 @@ class CompareConfig:
     output: dict[str, Any] = dataclasses.field(default_factory=dict)
     sft: dict[str, Any] = dataclasses.field(default_factory=dict)
     distill: dict[str, Any] = dataclasses.field(default_factory=dict)
-    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     eval_checkpoints: bool = True
 
     def __post_init__(self) -> None:
@@ -84,19 +85,15 @@ class CompareConfig:
 # --------------------------------------------------------------------------------------------------- teacher
 
 
-def teacher_model_dir(run: pathlib.Path, stage: str | None) -> pathlib.Path:
-    """The teacher's HF directory: `stage`'s export, else that of the last stage of the run's pipeline that made
-    and evaluated a model. ConfigError when the run or the stage is not finished."""
-    pipeline_file = run / PIPELINE_FILE
-    if not pipeline_file.is_file():
-        raise ConfigError(f"teacher_run {run}: no {PIPELINE_FILE}; run `tulu-jax pipeline` there first")
-    stages = [stage] if stage is not None else yaml.safe_load(pipeline_file.read_text())["stages"][::-1]
-    for name in stages:
-        marker = run / name / STAGE_FILE
-        if marker.is_file() and json.loads(marker.read_text())["evaluated"]:
-            return run / name / "hf"  # where the stage exported it (stage.json's path is relative to its cwd)
-    what = f"stage {stage!r} is" if stage is not None else "no stage is"
-    raise ConfigError(f"teacher_run {run}: {what} finished with an evaluated model")
+def teacher_model_dir(run: PipelineRun, stage: str | None) -> pathlib.Path:
+    """The teacher's HF directory: `stage`'s model, else that of the run's last finished stage that made and
+    evaluated one. ConfigError when there is none."""
+    if stage is None:
+        evaluated = [s for s in run.finished_stages if run.stage_record(s)["evaluated"]]
+        if not evaluated:
+            raise ConfigError(f"teacher_run {run.run_dir}: no stage is finished with an evaluated model")
+        stage = evaluated[-1]
+    return run.model_dir(stage)
 
 
 # --------------------------------------------------------------------------------------------------- configs
@@ -112,7 +109,8 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def arm_config(config: CompareConfig, arm: str, teacher: pathlib.Path, *, source: str = "distill-compare") -> Any:
-    """The full stage config of `arm` (an SFTConfig or DistillConfig)."""
+    """The full stage config of `arm` (an SFTConfig or DistillConfig), on the teacher run's tokenizer and SFT data
+    (their paths follow the pipeline's run layout, `tulu_jax.stages.pipeline_run`)."""
     run, out = pathlib.Path(config.teacher_run), pathlib.Path(config.run_dir)
     shared = {
         "model": dump_config(config.student),
@@ -151,18 +149,16 @@ def parameter_count(model_dir: pathlib.Path) -> int:
     return total
 
 
-def evaluate_model(model: Any, config: CompareConfig, out_path: pathlib.Path) -> None:
-    """Greedy held-out evaluation of a Decoder → out_path."""
-    from tulu_jax.data.tokenizers import load_tokenizer
+def evaluate_model(model: Any, run: PipelineRun, out_path: pathlib.Path) -> None:
+    """A Decoder's held-out evaluation as `run` evaluates its stages (`PipelineRun.evaluate`, for an HF dir) →
+    out_path."""
     from tulu_jax.stages.eval import evaluate
 
-    run = pathlib.Path(config.teacher_run)
-    evaluate(model, load_tokenizer(run / "tokenizer"), run / "data" / "eval.jsonl",
-             max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size, out_path=out_path,
-             progress=True)
+    evaluate(model, run.tokenizer(), run.data_file("eval"), max_new_tokens=run.config.eval.max_new_tokens,
+             batch_size=run.config.eval.batch_size, out_path=out_path, progress=True)
 
 
-def evaluate_checkpoints(arm_dir: pathlib.Path, config: CompareConfig) -> None:
+def evaluate_checkpoints(arm_dir: pathlib.Path, run: PipelineRun) -> None:
     """The held-out accuracy curve: every kept checkpoint but the last (the exported model, evaluated apart)
     evaluated like the final model → `<arm>/eval_curve/<step>.jsonl`."""
     from tulu_jax.stages.convert import read_model_config, restore_params
@@ -170,7 +166,7 @@ def evaluate_checkpoints(arm_dir: pathlib.Path, config: CompareConfig) -> None:
     model_config = read_model_config(arm_dir)
     for step in checkpoint_steps(arm_dir / "checkpoints")[:-1]:
         model = restore_params(arm_dir / "checkpoints" / str(step) / "state", model_config)
-        evaluate_model(model, config, arm_dir / CURVE_DIR / f"{step}.jsonl")
+        evaluate_model(model, run, arm_dir / CURVE_DIR / f"{step}.jsonl")
 
 
 def run_arm(config: CompareConfig, arm: str, teacher: pathlib.Path, sharding: str, *, resume: bool,
@@ -188,11 +184,10 @@ def run_arm(config: CompareConfig, arm: str, teacher: pathlib.Path, sharding: st
     get_stage("sft" if arm == "sft" else "distill").run(stage_config, sharding)
     arm_dir = pathlib.Path(config.run_dir) / arm
     info.update(training_info(arm_dir / METRICS_FILE))
-    from tulu_jax.models.hf_io import load_hf_checkpoint
-
-    evaluate_model(load_hf_checkpoint(arm_dir / "hf"), config, arm_dir / EVAL_FILE)
+    run = open_run(config.teacher_run)
+    run.evaluate(arm_dir / "hf", arm_dir / EVAL_FILE)
     if config.eval_checkpoints:
-        evaluate_checkpoints(arm_dir, config)
+        evaluate_checkpoints(arm_dir, run)
     (arm_dir / STAGE_FILE).write_text(json.dumps({
         "stage": arm, "wall_s": time.perf_counter() - start, "evaluated": True, "model_dir": str(arm_dir / "hf"),
         "info": info,
@@ -250,7 +245,7 @@ def run_comparison(config: CompareConfig, sharding: str, *, resume: bool = False
                    allow_config_change: bool = False) -> list[dict[str, Any]]:
     """Run the configured arms (module docstring); returns the comparison rows (also in comparison.{md,json})."""
     out = pathlib.Path(config.run_dir)
-    teacher = teacher_model_dir(pathlib.Path(config.teacher_run), config.teacher_stage)
+    teacher = teacher_model_dir(open_run(config.teacher_run), config.teacher_stage)
     finished, existing = parts_state(out, config.arms, "arm", STAGE_FILE)
     check_resume(out, COMPARE_FILE, dump_config(config), existing=existing, resume=resume,
                  allow_config_change=allow_config_change)
