@@ -65,7 +65,7 @@ def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
 
 
-@pytest.mark.parametrize("path", [LOSS_ABLATION], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [LOSS_ABLATION, DPO_ABLATION, PPO_VS_GRPO], ids=lambda p: p.name)
 def test_notebooks_are_stored_with_their_outputs(path):
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
