@@ -1,4 +1,5 @@
-"""Multi-process JAX over loopback: two real processes, one global mesh, collectives across them.
+"""Multi-process JAX over loopback: two real processes, one global mesh, collectives across them, and the RLVR
+rollout batch assembled from the rows each process builds (`tulu_jax.rl.rollout.place_process_rows`).
 
 This is the code path of a multi-host TPU pod (jax.distributed + a mesh over every process's devices), run on
 CPU with gloo collectives; the expected values are recomputed with NumPy in the test process.
@@ -39,6 +40,11 @@ batch = jax.make_array_from_process_local_data(batch_sharding(mesh, spec), local
 replicated = NamedSharding(mesh, P())
 total = jax.jit(jnp.sum, out_shardings=replicated)(batch)                   # all-reduce across processes
 gathered = jax.jit(lambda a: a, out_shardings=replicated)(batch)            # all-gather across processes
+from tulu_jax.rl.rollout import local_rows, place_process_rows
+full = np.arange(2 * rows * cols, dtype=np.int32).reshape(2 * rows, cols)  # a rollout batch's prompt block
+asked = []
+placed = place_process_rows(batch_sharding(mesh, spec), 2 * rows, lambda r: asked.append(r.tolist()) or full[r])
+placed_gathered = jax.jit(lambda a: a, out_shardings=replicated)(placed)
 devices = jax.shard_map(lambda: jax.lax.psum(jnp.ones(()), tuple(spec.mesh)), mesh=mesh, in_specs=(),
                         out_specs=P())()                                     # psum over the whole global mesh
 print(json.dumps({
@@ -46,6 +52,7 @@ print(json.dumps({
     "local_devices": jax.local_device_count(), "global_devices": jax.device_count(),
     "mesh": dict(mesh.shape), "total": float(total), "devices": float(devices),
     "gathered": np.asarray(gathered).tolist(), "global_shape": list(batch.shape),
+    "asked": asked[0], "placed": np.asarray(placed_gathered).tolist(), "local": local_rows(placed).tolist(),
 }))
 """
 
@@ -102,6 +109,12 @@ def test_two_processes_share_one_mesh(tmp_path):
         # every process sees the other's rows after the all-gather
         assert sorted(map(tuple, r["gathered"])) == expected_rows
     assert results[0]["gathered"] == results[1]["gathered"]
+    # RLVR prompt placement: each process built only its own rows of the rollout batch, and together they make it.
+    full = np.arange(2 * ROWS * COLS).reshape(2 * ROWS, COLS)
+    asked = [r["asked"] for r in sorted(results, key=lambda r: r["process"])]
+    assert [len(a) for a in asked] == [ROWS, ROWS] and sorted(asked[0] + asked[1]) == list(range(2 * ROWS))
+    for r in results:
+        assert r["placed"] == full.tolist() and r["local"] == full[r["asked"]].tolist()
 
 
 ENV_KEYS = [

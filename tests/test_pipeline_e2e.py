@@ -1,5 +1,6 @@
 """`tulu-jax pipeline`: a shortened run of the real stages (same stages, fewer steps) through the console entry
-point, its artifacts, a summary recomputed independently from the eval files, kill + `--resume`, and config errors."""
+point, its artifacts, a summary recomputed independently from the eval files, kill + `--resume` (inside SFT, and
+from a checkpoint of the rlvr stage), and config errors."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from tulu_jax.rl.verifiers import verify
 from tulu_jax.stages import pipeline
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-STAGES = ("base", "sft", "preferences", "dpo")
-MODEL_STAGES = ("base", "sft", "dpo")
+STAGES = ("base", "sft", "preferences", "dpo", "rlvr")
+MODEL_STAGES = ("base", "sft", "dpo", "rlvr")
 
 # configs/tiny_arith.yaml, shortened: a smaller world and model, a few steps per stage. The SFT stage is long enough
 # to be killed between its checkpoints; an under-trained model rarely answers right, so prompts with no correct
@@ -37,6 +38,10 @@ SHORT = {
                     "reference_when_none_correct": True},
     "dpo": {"data": {"max_seq_len": 80}, "optim": {"lr": 1e-4},
             "train": {"global_batch_size": 8, "max_steps": 3}, "output": {"save_every": 2, "log_every": 1}},
+    "rlvr": {"data": {"max_seq_len": 64}, "optim": {"lr": 1e-4}, "train": {"global_batch_size": 8, "max_steps": 2},
+             "rlvr": {"algorithm": "grpo", "group_size": 4, "ppo_epochs": 1, "max_new_tokens": 24,
+                      "rollout_chunks": 2},
+             "output": {"save_every": 1}},
     "eval": {"max_new_tokens": 24, "batch_size": 24},
 }
 
@@ -82,7 +87,7 @@ def test_every_stage_leaves_its_artifacts(uninterrupted):
         assert read_jsonl(run_dir / "data" / f"{name}.jsonl")
     for stage in STAGES:
         assert json.loads((run_dir / stage / pipeline.STAGE_FILE).read_text())["stage"] == stage
-    for stage in ("base", "sft", "dpo"):
+    for stage in MODEL_STAGES:
         assert (run_dir / stage / "hf" / "model.safetensors").is_file()
         assert (run_dir / stage / "hf" / "config.json").is_file()
         assert list((run_dir / stage / "checkpoints").iterdir())
@@ -92,6 +97,31 @@ def test_every_stage_leaves_its_artifacts(uninterrupted):
     assert "| stage | held-out accuracy | 95% interval | wall time | notes |" in out  # rewards are 0/1: no mean reward
     assert (run_dir / "dpo" / "tensorboard").is_dir()
     assert (run_dir / "summary.md").read_text().strip() in out
+    rlvr = read_jsonl(run_dir / "rlvr" / "metrics.jsonl")
+    assert [m["step"] for m in rlvr] == [1, 2] and all(0.0 <= m["verifier"] <= 1.0 for m in rlvr)
+    assert "| rlvr |" in out and "2 iterations; sample reward" in out
+
+
+@pytest.mark.slow
+def test_resume_skips_finished_stages_and_continues_a_checkpointed_rlvr_stage(uninterrupted, cache, tmp_path):
+    """The finished run with its rlvr stage rolled back to the iteration-1 checkpoint: --resume skips the four
+    finished stages, restores rlvr's state, rng and prompt position, and ends where the uninterrupted run did."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], run_dir)
+    rlvr = run_dir / "rlvr"
+    for name in (pipeline.STAGE_FILE, pipeline.EVAL_FILE):
+        (rlvr / name).unlink()
+    shutil.rmtree(rlvr / "hf")
+    shutil.rmtree(rlvr / "checkpoints" / "2")
+    assert sorted(p.name for p in (rlvr / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+    _, err = finish(start(write_config(tmp_path), cache, "--resume"))
+    assert all(f"{stage}: finished before, skipped" in err for stage in STAGES[:-1])
+    assert "resumed from checkpoint iteration 1" in err
+    assert table_numbers(run_dir) == table_numbers(uninterrupted[0])
+    resumed, reference = (read_jsonl(d / "rlvr" / pipeline.EVAL_FILE) for d in (run_dir, uninterrupted[0]))
+    assert [dict(r, file=None) for r in resumed] == [dict(r, file=None) for r in reference]
 
 
 @pytest.mark.slow
@@ -159,6 +189,11 @@ def test_the_shipped_config_and_every_stage_config_in_it_load():
     assert (base.model.preset, base.data.format, base.data.sources[0].path) == ("tiny", "text", "r/data/pretrain.jsonl")
     dpo = pipeline.stage_config(config, "dpo", pathlib.Path("r"), model_path="r/sft/hf")
     assert (dpo.dpo.loss_type, dpo.data.sources[0].path) == ("dpo_norm", "r/data/preferences.jsonl")
+    rlvr = pipeline.stage_config(config, "rlvr", pathlib.Path("r"), model_path="r/dpo/hf")
+    assert (rlvr.model.path, rlvr.data.sources[0].path, rlvr.rlvr.temperature) == ("r/dpo/hf", "r/data/prompts.jsonl",
+                                                                                   1.0)
+    ppo = pipeline.load_pipeline_config("configs/tiny_arith.yaml", ("rlvr.rlvr.algorithm=ppo",))
+    assert pipeline.stage_config(ppo, "rlvr", pathlib.Path("r"), model_path="r/dpo/hf").rlvr.uses_value
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -72,6 +72,41 @@ def test_rollout_reads_the_policy_arrays_without_a_copy_before_and_after_an_upda
     assert not np.allclose(np.asarray(after.logprobs), np.asarray(before.logprobs))
 
 
+def test_scoring_overlapped_with_generation_gives_the_sequential_rollouts_and_scores():
+    """Chunked rollouts scored while the next chunk is generated equal those scored chunk by chunk, and the scores
+    are the GSM8K verifier's on the decoded responses."""
+    from tulu_jax.rl.verifiers import verify
+
+    loop, _ = loop_and_initial()
+    state, rl = fresh_state(), loop.rl
+    results = {}
+    try:
+        rl.rollout_chunks = 2
+        for overlap in (True, False):
+            rl.overlap_scoring = overlap
+            out, indices, scores, metrics = loop.rollouts(state, 1)
+            scores = np.asarray(scores)
+            results[overlap] = jax.device_get((out.tokens, out.lengths, out.finished, out.prompt_ids)), indices, \
+                scores, metrics
+        whole, whole_indices = loop.generate(state, 1)
+        whole = jax.device_get((whole.tokens, whole.lengths, whole.finished, whole.prompt_ids))
+    finally:
+        rl.rollout_chunks, rl.overlap_scoring = 1, True
+    (overlapped, indices, scores, metrics), (sequential, seq_indices, seq_scores, _) = results[True], results[False]
+    assert indices == seq_indices == whole_indices and len(indices) == loop.setup.config.train.global_batch_size
+    for a, b, c in zip(overlapped, sequential, whole):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    np.testing.assert_array_equal(scores, seq_scores)
+    tokens, lengths, finished, _ = overlapped
+    tokenizer = loop.setup.tokenizer
+    for i, row in enumerate(indices):
+        data = loop.prompts.rows[row].data
+        response = tokenizer.decode(tokens[i, :lengths[i] - int(finished[i])].tolist(), skip_special_tokens=True)
+        assert scores[i] == verify(data["dataset"], response, data["ground_truth"])
+    assert {"generation_s", "scoring_s", "rollout_s", "accuracy/gsm8k", "verifier_timeouts"} <= set(metrics)
+
+
 def read_metrics(run_dir):
     return {row["step"]: row for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
@@ -96,7 +131,7 @@ def test_resumed_run_draws_the_same_rollouts_and_exports(tmp_path):
     for x, y in zip(jax.tree.leaves(whole.arrays()), jax.tree.leaves(resumed.arrays())):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
     assert {"accuracy/gsm8k", "clipfrac", "approx_kl", "explained_variance", "generation_s", "scoring_s",
-            "training_s"} <= set(a[2])
+            "rollout_s", "training_s", "skipped_nonfinite"} <= set(a[2])
 
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification

@@ -5,10 +5,12 @@ reads the policy's arrays themselves, before and after an update."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import tempfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -144,3 +146,37 @@ def test_grpo_group_advantages_drop_zero_variance_groups_and_train_without_a_val
     metrics = jax.device_get(metrics)
     assert metrics["policy_grad_norm"] > 0 and "value_loss" not in metrics
     assert abs(metrics["kl"]) < 1e-6 and metrics["clipfrac"] == 0.0  # the reference is the initial policy
+
+
+def test_a_poisoned_minibatch_leaves_each_poisoned_member_and_its_optimizer_unchanged():
+    """The NaN guard of the PPO step, per member: NaN advantages skip the policy's update, NaN returns the value
+    model's; the other member still updates, the step counters advance, the skipped updates are counted."""
+    spec = load_sharding("sharding/cpu-1.yaml")
+    cfg = config("rlvr.num_minibatches=1")
+    setup = STAGE.setup(cfg, (spec, make_mesh(spec, jax.devices()[:1])))
+    shardings = shardings_of(setup.state)
+    prepare = build_prepare_fn(
+        setup.state.models[POLICY].graphdef, setup.state.models[VALUE].graphdef, cfg.rlvr,
+        model_shardings={k: (s.params, s.model_state) for k, s in shardings.models.items()},
+        frozen_shardings=shardings_of(setup.frozen), batch_sharding=STAGE.batch_shardings(setup).tokens)
+    models = {k: (m.params, m.model_state) for k, m in setup.state.models.items()}
+    batch, _ = prepare(models, setup.frozen, *host_rollout(setup.model_config.vocab_size))
+    step = STAGE.build_step(setup)
+    nan_row = np.zeros(batch.advantages.shape, bool)
+    nan_row[0] = True
+    for poisoned, field in ((POLICY, "advantages"), (VALUE, "returns")):
+        state = jax.tree.map(jnp.copy, setup.state)  # the step donates its state
+        before = jax.device_get(state.arrays())
+        bad = dataclasses.replace(batch, **{field: jnp.where(nan_row, jnp.nan, getattr(batch, field))})
+        new, metrics = jax.device_get(step(state, bad, setup.frozen))
+        after = new.arrays()
+        other = VALUE if poisoned == POLICY else POLICY
+        assert metrics[f"{poisoned}_skipped_nonfinite"] == 1 and metrics[f"{other}_skipped_nonfinite"] == 0
+        assert metrics["skipped_nonfinite"] == 1
+        for key in ("params", "opt_state"):
+            jax.tree.map(np.testing.assert_array_equal, after["models"][poisoned][key],
+                         before["models"][poisoned][key])
+        changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), after["models"][other]["params"],
+                                               before["models"][other]["params"]))
+        assert any(changed) and all(np.isfinite(x).all() for x in jax.tree.leaves(after["models"][other]["params"]))
+        assert int(after["step"]) == int(after["models"][poisoned]["step"]) == 1

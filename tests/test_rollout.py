@@ -88,3 +88,26 @@ def test_rollout_reads_the_arrays_the_train_step_updates():
     expected = unsharded(state, temperature=0.0)
     np.testing.assert_array_equal(np.asarray(after.tokens), expected.tokens)
     np.testing.assert_allclose(np.asarray(after.logprobs), expected.logprobs, rtol=1e-5, atol=1e-5)
+
+
+def test_each_process_builds_only_its_rows_of_the_rollout_batch():
+    """`place_process_rows` asks for the rows on this process's devices (all 8 devices are this process's here, so
+    all rows, in order) and assembles the global batch-sharded array from them; `local_rows` reads them back."""
+    from tulu_jax.rl.rollout import local_rows, place_process_rows, process_rows
+    from tulu_jax.sharding import batch_sharding
+
+    sharding = batch_sharding(MESH, SPEC)
+    assert sharding.spec[0] == ("data", "fsdp")  # rows split 4 ways, replicated over the tensor axis
+    full = np.arange(8 * 5, dtype=np.int32).reshape(8, 5)
+    asked = []
+
+    def build(rows):
+        asked.append(rows)
+        return full[rows], full[rows] > 20
+
+    ids, mask = place_process_rows(sharding, 8, build)
+    np.testing.assert_array_equal(asked[0], np.arange(8))
+    assert ids.sharding == mask.sharding == sharding and ids.shape == (8, 5)
+    np.testing.assert_array_equal(np.asarray(ids), full)
+    np.testing.assert_array_equal(np.asarray(mask), full > 20)
+    np.testing.assert_array_equal(local_rows(ids), full)

@@ -77,3 +77,24 @@ def test_the_figure_has_a_panel_per_loss_a_reward_panel_and_intervals(tmp_path):
         tuple(np.round(rows[0].interval, 6)), tuple(np.round(rows[2].interval, 6))]
     summary.plot_summary(tmp_path, rows, tmp_path / "summary.png")
     assert (tmp_path / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_rl_stage_is_described_and_drawn_by_its_sample_reward(tmp_path):
+    (tmp_path / "rlvr").mkdir()
+    verifier = [0.1 * i for i in range(1, 9)]
+    lines = [json.dumps({"step": s, "loss": 0.01, "verifier": v, "kl_to_ref": 0.02 * s})
+             for s, v in enumerate(verifier, 1)]
+    path = tmp_path / "rlvr" / summary.METRICS_FILE
+    path.write_text("\n".join(lines) + "\n")
+    info = summary.training_info(path)
+    assert info["steps"] == 8 and info["final_kl"] == pytest.approx(0.16)
+    assert info["first_sample_reward"] == pytest.approx(np.mean(verifier[:5]))
+    assert info["final_sample_reward"] == pytest.approx(np.mean(verifier[-5:]))
+    row = _row("rlvr", 0.6, 0.6, info)
+    assert summary.format_table([row]).splitlines()[2].endswith(
+        "| 8 iterations; sample reward 0.300 → 0.600 (first/last 5), KL to reference 0.160 |")
+    fig = summary.summary_figure(tmp_path, [row])
+    assert fig.axes[0].get_title() == "rlvr sample reward (verifier, mean of 5)"
+    raw, smoothed = fig.axes[0].get_lines()
+    np.testing.assert_allclose(raw.get_ydata(), verifier)
+    np.testing.assert_allclose(smoothed.get_ydata(), summary.smooth(verifier, 5))

@@ -6,31 +6,39 @@ by (data.seed, epoch), samples with `fold_in(state.rng, i)` and shuffles minibat
 the prompt iterator's whole state is the iteration number (stored with each checkpoint) and a resumed run draws
 the same rollouts as an uninterrupted one.
 
-Scoring runs in verifier worker processes after each generation; it is NOT overlapped with the next generation
-(on-policy PPO needs the trained policy before it can sample again; an asynchronous one-step-off-policy variant
-would be the way to overlap).
+Scoring overlaps generation within an iteration, on-policy: the rollout batch is generated in `rlvr.rollout_chunks`
+row blocks, and while chunk k + 1 is sampled, chunk k's responses are decoded and scored by the verifier worker
+processes (`rlvr.overlap_scoring: false` scores each chunk before sampling the next: the same rollouts and
+scores). Training still waits for the whole batch, since on-policy PPO needs every score before its update; only
+an asynchronous one-step-off-policy variant could overlap the next iteration's generation with training.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
+import functools
 import pathlib
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from tulu_jax.data.rows import Row, mix_sources
 from tulu_jax.data.sft import tokenize_prompt
 from tulu_jax.errors import DataError
+from tulu_jax.models.sampler import bucket_length, prepare_prompts
 from tulu_jax.rl.ppo_step import POLICY, VALUE, build_prepare_fn, build_select_rows
-from tulu_jax.rl.rollout import Rollout, RolloutOutput
+from tulu_jax.rl.rollout import Rollout, RolloutOutput, local_rows, place_process_rows, process_rows
 from tulu_jax.rl.verifiers.batch import score_batch
 from tulu_jax.stages.training import StageSetup
 from tulu_jax.train import Checkpointer, MetricsWriter, shardings_of
+from tulu_jax.train.guard import SKIPPED_METRIC, NonfiniteCounter
 from tulu_jax.train.loop import _SigtermFlag
 from tulu_jax.train.metrics import ProgressBar
 from tulu_jax.train.multi import MultiTrainState
@@ -99,8 +107,10 @@ class RLVRLoop:
             model_shardings={name: (s.params, s.model_state) for name, s in shardings.models.items()},
             frozen_shardings=shardings_of(setup.frozen), batch_sharding=self.rollout.batch_sharding)
         self.select = build_select_rows(batch_shardings)
+        self.replicate = jax.jit(lambda x: x, out_shardings=self.rollout.replicated)
         self.stops = stop_ids(setup.model_config, setup.tokenizer)
         self.per_iteration = config.train.global_batch_size // self.rl.group_size
+        self.nonfinite: NonfiniteCounter | None = None  # set by `run`: stops after consecutive skipped updates
 
     # ------------------------------------------------------------------------------------------ one iteration
 
@@ -117,30 +127,100 @@ class RLVRLoop:
             picked.append(int(orders[epoch][position % n]))
         return [i for i in picked for _ in range(self.rl.group_size)]
 
-    def generate(self, state: MultiTrainState, iteration: int) -> tuple[RolloutOutput, list[int]]:
-        """Sample responses from the policy's own arrays for iteration `iteration`'s prompts."""
+    def _chunks(self, state: MultiTrainState, iteration: int) -> Iterator[tuple[RolloutOutput, list[int]]]:
+        """Iteration `iteration`'s rollouts, `rlvr.rollout_chunks` consecutive row blocks in turn, each sampled
+        from the policy's own arrays with key fold_in(fold_in(state.rng, iteration), chunk) and ready when yielded
+        (the prompts share one left-padded block, so the chunks concatenate)."""
         indices = self.prompt_rows(iteration)
-        config = self.setup.model_config
-        ids, mask, stops, pad = self.rollout.place_prompts(config, [self.prompts.ids[i] for i in indices],
-                                                           stop_ids=self.stops,
-                                                           pad_id=self.setup.tokenizer.pad_token_id)
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), iteration)
-        return self.rollout(state.models[POLICY], ids, mask, self.rollout.place_rng(key), stops, pad), indices
+        config, pad_id = self.setup.model_config, self.setup.tokenizer.pad_token_id
+        width = bucket_length(max(len(self.prompts.ids[i]) for i in indices))
 
-    def score(self, out: RolloutOutput, indices: list[int]) -> tuple[np.ndarray, dict[str, float]]:
-        """Decoded responses scored by their rows' verifiers in worker processes: ([B] scores, metrics)."""
-        tokens, lengths, finished = jax.device_get((out.tokens, out.lengths, out.finished))
+        def prompt_block(prompts: list[int], local: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """This process's rows of a chunk's prompts, left-padded to the iteration's width (validated)."""
+            ids, mask, _, pad = prepare_prompts(config, [self.prompts.ids[prompts[r]] for r in local], None,
+                                                eos_id=None, stop_ids=self.stops, pad_id=pad_id)
+            extra = ((0, 0), (width - ids.shape[1], 0))
+            return np.pad(ids, extra, constant_values=pad), np.pad(mask, extra)
+
+        _, _, stops, pad = prepare_prompts(config, [self.prompts.ids[indices[0]]], None, eos_id=None,
+                                           stop_ids=self.stops, pad_id=pad_id)  # the stop-id block and pad id
+        stops, pad = jax.device_put((stops, np.int32(pad)), self.rollout.replicated)
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), iteration)
+        size = len(indices) // self.rl.rollout_chunks
+        for chunk in range(self.rl.rollout_chunks):
+            rows = indices[chunk * size:(chunk + 1) * size]
+            ids, mask = place_process_rows(self.rollout.batch_sharding, size, functools.partial(prompt_block, rows))
+            out = self.rollout(state.models[POLICY], ids, mask,
+                               self.rollout.place_rng(jax.random.fold_in(key, chunk)), stops, pad)
+            jax.block_until_ready(out.tokens)
+            yield out, rows
+
+    def _concatenate(self, outs: list[RolloutOutput]) -> RolloutOutput:
+        """The chunks' outputs as one batch-sharded rollout."""
+        if len(outs) == 1:
+            return outs[0]
+        fields = {}
+        for field in dataclasses.fields(RolloutOutput):
+            parts = [getattr(out, field.name) for out in outs]
+            sharding = self.rollout.batch_sharding if parts[0].ndim == 2 else self.rollout.row_sharding
+            fields[field.name] = jax.device_put(jnp.concatenate(parts), sharding)
+        return RolloutOutput(**fields)
+
+    def generate(self, state: MultiTrainState, iteration: int) -> tuple[RolloutOutput, list[int]]:
+        """Sample all of iteration `iteration`'s responses (every chunk) from the policy's own arrays."""
+        outs, indices = [], []
+        for out, rows in self._chunks(state, iteration):
+            outs.append(out)
+            indices.extend(rows)
+        return self._concatenate(outs), indices
+
+    def score_chunk(self, out: RolloutOutput, indices: list[int]) -> tuple[jax.Array, int, float]:
+        """This process's decoded responses scored by their rows' verifiers in worker processes: ([B] scores, a
+        global row-sharded array; this process's timeouts; seconds)."""
+        start = time.perf_counter()
+        tokens, lengths, finished = (local_rows(x) for x in (out.tokens, out.lengths, out.finished))
         tokenizer = self.setup.tokenizer
         responses = [tokenizer.decode(tokens[i, :lengths[i] - 1 if finished[i] else lengths[i]].tolist(),
-                                      skip_special_tokens=True) for i in range(len(indices))]
-        rows = [self.prompts.rows[i].data for i in indices]
-        datasets = [row["dataset"] for row in rows]
-        scores, timeouts = score_batch(datasets, responses, [row["ground_truth"] for row in rows])
-        metrics: dict[str, float] = {"verifier_timeouts": float(timeouts)}
-        for name in sorted({d.lower() for d in datasets}):
-            chosen = [s for s, d in zip(scores, datasets) if d.lower() == name]
-            metrics[f"accuracy/{name}"] = float(np.mean(chosen))
-        return scores, metrics
+                                      skip_special_tokens=True) for i in range(len(tokens))]
+        rows = [self.prompts.rows[indices[r]].data for r in process_rows(self.rollout.row_sharding, len(indices))]
+        scores, timeouts = score_batch([row["dataset"] for row in rows], responses,
+                                       [row["ground_truth"] for row in rows])
+        placed = place_process_rows(self.rollout.row_sharding, len(indices), lambda _: scores)
+        return placed, timeouts, time.perf_counter() - start
+
+    def rollouts(self, state: MultiTrainState, iteration: int
+                 ) -> tuple[RolloutOutput, list[int], jax.Array, dict[str, float]]:
+        """Generate and score iteration `iteration`'s rollouts: (rollout, prompt indices, [B] row-sharded scores,
+        metrics). Each process builds, decodes and scores only its own rows (`tulu_jax.rl.rollout.process_rows`).
+
+        With `rlvr.overlap_scoring` chunk k is decoded and scored (a host thread feeding the verifier workers) while
+        chunk k + 1 is generated; without, each chunk is scored before the next is generated. Both draw the same
+        rollouts and scores. Metrics: generation_s and scoring_s (summed over the chunks), rollout_s (their
+        overlapped wall time), verifier_timeouts, accuracy/<dataset>."""
+        start = time.perf_counter()
+        outs, indices, jobs, generation_s = [], [], [], 0.0
+        with concurrent.futures.ThreadPoolExecutor(1) as scorer:
+            chunks, clock = self._chunks(state, iteration), time.perf_counter()
+            for out, rows in chunks:
+                generation_s += time.perf_counter() - clock
+                outs.append(out)
+                indices.extend(rows)
+                if self.rl.overlap_scoring:
+                    jobs.append(scorer.submit(self.score_chunk, out, rows))
+                else:
+                    done: concurrent.futures.Future = concurrent.futures.Future()
+                    done.set_result(self.score_chunk(out, rows))
+                    jobs.append(done)
+                clock = time.perf_counter()
+            results = [job.result() for job in jobs]
+        scores = jnp.concatenate([r[0] for r in results])
+        all_scores = np.asarray(self.replicate(scores))  # a few floats: every host's metrics see every row
+        datasets = [self.prompts.rows[i].data["dataset"].lower() for i in indices]
+        metrics = {"verifier_timeouts": float(sum(r[1] for r in results)), "generation_s": generation_s,
+                   "scoring_s": sum(r[2] for r in results), "rollout_s": time.perf_counter() - start}
+        for name in sorted(set(datasets)):
+            metrics[f"accuracy/{name}"] = float(np.mean([s for s, d in zip(all_scores, datasets) if d == name]))
+        return self._concatenate(outs), indices, jax.device_put(scores, self.rollout.row_sharding), metrics
 
     def train(self, state: MultiTrainState, batch: Any, iteration: int) -> tuple[MultiTrainState, list[dict]]:
         """`ppo_epochs` passes over `num_minibatches` shuffled minibatches of the rollout batch."""
@@ -158,24 +238,22 @@ class RLVRLoop:
 
     def iteration(self, state: MultiTrainState, iteration: int) -> tuple[MultiTrainState, dict[str, float]]:
         """Generate, score, prepare, train; the iteration's metrics (step metrics averaged over its updates)."""
-        clock = time.perf_counter()
-        out, indices = self.generate(state, iteration)
-        jax.block_until_ready(out.tokens)
-        generated = time.perf_counter()
-        scores, score_metrics = self.score(out, indices)
+        out, _, scores, metrics = self.rollouts(state, iteration)
         scored = time.perf_counter()
         models = {name: (m.params, m.model_state) for name, m in state.models.items()}
         batch, prepare_metrics = self.prepare(
-            models, self.setup.frozen, out.prompt_ids, out.prompt_mask, out.tokens, out.lengths, out.finished,
-            jax.device_put(np.asarray(scores, np.float32), self.rollout.row_sharding))
+            models, self.setup.frozen, out.prompt_ids, out.prompt_mask, out.tokens, out.lengths, out.finished, scores)
         state, step_metrics = self.train(state, batch, iteration)
         host_steps, host_prepare = jax.device_get((step_metrics, prepare_metrics))
         trained = time.perf_counter()
-        metrics = {key: float(np.mean([m[key] for m in host_steps])) for key in host_steps[0]}
+        if self.nonfinite is not None:
+            for m in host_steps:
+                self.nonfinite.record(iteration + 1, {**m, "grad_norm": m["policy_grad_norm"]})
+        # Step metrics are averaged over the iteration's updates; skipped updates are counted.
+        metrics.update({key: float((np.sum if key.endswith(SKIPPED_METRIC) else np.mean)([m[key] for m in host_steps]))
+                        for key in host_steps[0]})
         metrics.update({key: float(value) for key, value in host_prepare.items()})
-        metrics.update(score_metrics)
-        metrics.update(generation_s=generated - clock, scoring_s=scored - generated, training_s=trained - scored,
-                       weight_sync_s=0.0, optimizer_steps=float(len(host_steps)))
+        metrics.update(training_s=trained - scored, weight_sync_s=0.0, optimizer_steps=float(len(host_steps)))
         return state, metrics
 
     # ------------------------------------------------------------------------------------------ the run
@@ -191,6 +269,7 @@ class RLVRLoop:
                                                    **setup.data.run_files})
         checkpointer = Checkpointer(run_dir / "checkpoints", max_to_keep=output.keep_last)
         writer = MetricsWriter(run_dir / "metrics.jsonl", run_dir / "tensorboard")
+        self.nonfinite = NonfiniteCounter(config.train.max_nonfinite_steps, checkpointer)
         state, start, bar = setup.state, 0, None
         try:
             if checkpointer.latest_step() is not None:

@@ -41,6 +41,7 @@ from tulu_jax.losses.ppo import (
 )
 from tulu_jax.rl.rewards import grpo_token_advantages, sequence_scores, token_rewards
 from tulu_jax.train.batches import RolloutBatch
+from tulu_jax.train.guard import SKIPPED_METRIC, guard_nonfinite
 from tulu_jax.train.multi import MultiTrainState
 from tulu_jax.train.optim import Optimizer
 from tulu_jax.train.step import Step, apply_gradients, split_micro_batches
@@ -59,6 +60,8 @@ class RLVRSection:
     vf_coef: value-loss weight. whiten_advantages: PPO advantages whitened over the batch. group_size G: GRPO
     samples per prompt (PPO: 1). ppo_epochs K and num_minibatches: passes over each rollout batch and the shuffled
     minibatches (optimizer steps) per pass. max_new_tokens: response length; temperature: of the rollouts.
+    rollout_chunks: the rollout batch is generated in this many row blocks; overlap_scoring: chunk k is scored
+    while chunk k + 1 is generated (`tulu_jax.rl.loop`).
     value_init: policy (the policy's backbone and a fresh head) | reward_model (value_model_path, an RM export).
     """
 
@@ -77,12 +80,14 @@ class RLVRSection:
     num_minibatches: int = 1
     max_new_tokens: int = 2048
     temperature: float = 1.0
+    rollout_chunks: int = 1
+    overlap_scoring: bool = True
     value_init: Literal["policy", "reward_model"] = "policy"
     value_model_path: str | None = None
     value_lr: float | None = None
 
     def __post_init__(self) -> None:
-        for key in ("group_size", "ppo_epochs", "num_minibatches", "max_new_tokens"):
+        for key in ("group_size", "ppo_epochs", "num_minibatches", "max_new_tokens", "rollout_chunks"):
             if getattr(self, key) < 1:
                 raise ValueError(f"'rlvr.{key}' must be >= 1, got {getattr(self, key)}")
         for key in ("kl_coef", "clip", "vf_clip", "vf_coef", "temperature"):
@@ -231,6 +236,9 @@ def build_ppo_step(
 
     metrics: policy_loss, clipfrac, approx_kl, entropy (GRPO: kl, the k3 term), policy_grad_norm, policy_lr; PPO
     also value_loss (before vf_coef), value_clipfrac, value_grad_norm, value_lr; loss (policy + vf_coef·value).
+    Each member's update is guarded like the SFT/DPO steps' (`tulu_jax.train.guard`): a non-finite loss or gradient
+    norm of that member keeps its parameters and optimizer state (`policy_skipped_nonfinite`,
+    `value_skipped_nonfinite`; `skipped_nonfinite` is 1 when either was skipped).
     `frozen` is not read by the step (the reference log-probs are in the batch); it is accepted for the contract.
     """
     names = (POLICY, VALUE) if rl.uses_value else (POLICY,)
@@ -258,7 +266,10 @@ def build_ppo_step(
         grads, metrics = _accumulated_grads(policy_loss, policy_member.params, batch, grad_accum_steps,
                                             batch_shardings, state_shardings.models[POLICY].params)
         models = dict(state.models)
-        models[POLICY], metrics["policy_grad_norm"] = apply_gradients(policy_member, grads, optimizers[POLICY])
+        updated, metrics["policy_grad_norm"] = apply_gradients(policy_member, grads, optimizers[POLICY])
+        models[POLICY], skipped = guard_nonfinite(policy_member, updated, metrics["policy_loss"],
+                                                  metrics["policy_grad_norm"])
+        metrics["policy_skipped_nonfinite"] = skipped
         metrics["policy_lr"] = optimizers[POLICY].schedule(policy_member.step)
         metrics["loss"] = metrics["policy_loss"]
         if rl.uses_value:
@@ -272,11 +283,15 @@ def build_ppo_step(
 
             grads, value_metrics = _accumulated_grads(value_loss, value_member.params, batch, grad_accum_steps,
                                                       batch_shardings, state_shardings.models[VALUE].params)
-            models[VALUE], value_metrics["value_grad_norm"] = apply_gradients(value_member, grads, optimizers[VALUE])
+            updated, value_metrics["value_grad_norm"] = apply_gradients(value_member, grads, optimizers[VALUE])
+            models[VALUE], value_metrics["value_skipped_nonfinite"] = guard_nonfinite(
+                value_member, updated, value_metrics["value_loss"], value_metrics["value_grad_norm"])
+            skipped = jnp.maximum(skipped, value_metrics["value_skipped_nonfinite"])
             value_metrics["value_lr"] = optimizers[VALUE].schedule(value_member.step)
             metrics.update(value_metrics)
             metrics["loss"] = metrics["loss"] + rl.vf_coef * metrics["value_loss"]
         metrics["response_tokens"] = num_tokens
+        metrics[SKIPPED_METRIC] = skipped
         return state.replace(models=models, step=state.step + 1), metrics
 
     if set(names) != set(state_shardings.models):

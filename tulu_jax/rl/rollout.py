@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -41,6 +41,32 @@ class RolloutOutput:
     finished: jax.Array
     prompt_ids: jax.Array
     prompt_mask: jax.Array
+
+
+def process_rows(sharding: jax.sharding.Sharding, num_rows: int) -> np.ndarray:
+    """The rows of a [num_rows, ...] batch laid out by `sharding` (split along its first axis) that live on this
+    process's devices, in order: all of them in a single-process run, this host's share in a multi-process one."""
+    shape = (num_rows,) + (1,) * max(len(getattr(sharding, "spec", ())) - 1, 0)
+    rows: set[int] = set()
+    for index in sharding.addressable_devices_indices_map(shape).values():
+        rows.update(range(*index[0].indices(num_rows)))
+    return np.array(sorted(rows), np.int64)
+
+
+def place_process_rows(sharding: jax.sharding.Sharding, num_rows: int, build: Callable[[np.ndarray], Any]) -> Any:
+    """Global [num_rows, ...] arrays laid out by `sharding` of which this process builds only its own rows:
+    `build(rows)` gets `process_rows(sharding, num_rows)` and returns those rows (a host array or a tuple of them)."""
+    local = build(process_rows(sharding, num_rows))
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x),
+                                                                        (num_rows, *np.shape(x)[1:])), local)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded array (`process_rows` order; replicas counted once)."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    shards = {s.index[0].indices(x.shape[0])[0]: s.data for s in x.addressable_shards}
+    return np.concatenate([np.asarray(shards[start]) for start in sorted(shards)])
 
 
 class Rollout:

@@ -98,9 +98,10 @@ class RLVRConfig:
         if self.train.global_batch_size % self.rlvr.group_size:
             raise ValueError(f"'train.global_batch_size' {self.train.global_batch_size} must be a multiple of "
                              f"'rlvr.group_size' {self.rlvr.group_size}")
-        if self.train.global_batch_size % self.rlvr.num_minibatches:
-            raise ValueError(f"'train.global_batch_size' {self.train.global_batch_size} must be a multiple of "
-                             f"'rlvr.num_minibatches' {self.rlvr.num_minibatches}")
+        for key in ("num_minibatches", "rollout_chunks"):
+            if self.train.global_batch_size % getattr(self.rlvr, key):
+                raise ValueError(f"'train.global_batch_size' {self.train.global_batch_size} must be a multiple of "
+                                 f"'rlvr.{key}' {getattr(self.rlvr, key)}")
 
 
 def optimizer_steps(config: RLVRConfig, iterations: int) -> int:
@@ -227,6 +228,10 @@ class RLVRStage(TrainingStage):
             raise ConfigError(
                 f"a minibatch of {minibatch_size(config)} sequences (train.global_batch_size / rlvr.num_minibatches) "
                 f"must be a multiple of grad_accum_steps {setup.grad_accum} × {shards} batch shards")
+        chunk = config.train.global_batch_size // config.rlvr.rollout_chunks
+        if chunk % shards:
+            raise ConfigError(f"a rollout chunk of {chunk} sequences (train.global_batch_size / rlvr.rollout_chunks) "
+                              f"must be a multiple of the {shards} batch shards")
         return build_ppo_step(self.optimizers(setup), config.rlvr, state_shardings=shardings_of(setup.state),
                               batch_shardings=self.batch_shardings(setup), frozen_shardings=shardings_of(setup.frozen),
                               grad_accum_steps=setup.grad_accum)

@@ -3,7 +3,8 @@
 Held-out accuracy comes with its 95% Wilson score interval (the held-out set is small: 200 problems give about
 ±7 points at 50%). Training stages are described by their last logged step: the recipe's loss and, for the
 token-level stages, the loss per supervised token (`loss_per_token` in metrics.jsonl), which is comparable across
-batch sizes and sequence lengths where the recipe's sum loss is not.
+batch sizes and sequence lengths where the recipe's sum loss is not. An RL stage is described by its reward curve:
+the verifier accuracy of its temperature-1 samples per iteration.
 """
 
 from __future__ import annotations
@@ -77,12 +78,21 @@ def summarize(run_dir: pathlib.Path, stages: list[str]) -> list[SummaryRow]:
     return rows
 
 
+RL_WINDOW = 5  # iterations averaged for an RL stage's first and last sample reward (one batch is noisy)
+
+
 def training_info(metrics_path: pathlib.Path) -> dict[str, Any]:
-    """What the summary says about a training stage: its step count and last logged losses."""
+    """What the summary says about a training stage: its step count and last logged losses; for an RL stage (its
+    metrics have `verifier`) also the verifier accuracy of its samples over its first and last RL_WINDOW
+    iterations and the final KL to the reference."""
     rows = [r for r in read_metrics(metrics_path) if "loss" in r]
     info: dict[str, Any] = {"steps": len(rows), "final_loss": rows[-1]["loss"]}
     if "loss_per_token" in rows[-1]:
         info["final_loss_per_token"] = rows[-1]["loss_per_token"]
+    if "verifier" in rows[-1]:
+        verifier = [r["verifier"] for r in rows]
+        info.update(first_sample_reward=float(np.mean(verifier[:RL_WINDOW])),
+                    final_sample_reward=float(np.mean(verifier[-RL_WINDOW:])), final_kl=rows[-1]["kl_to_ref"])
     return info
 
 
@@ -90,6 +100,9 @@ def _describe(row: SummaryRow) -> str:
     info = row.info
     if "pairs" in info:
         return f"{info['pairs']} pairs from {info['prompts']} prompts; sample reward {info['sample_reward']:.3f}"
+    if "final_sample_reward" in info:
+        return (f"{info['steps']} iterations; sample reward {info['first_sample_reward']:.3f} → "
+                f"{info['final_sample_reward']:.3f} (first/last {RL_WINDOW}), KL to reference {info['final_kl']:.3f}")
     if "steps" in info:
         per_token = f" ({info['final_loss_per_token']:.4f} per token)" if "final_loss_per_token" in info else ""
         return f"{info['steps']} steps, final loss {info['final_loss']:.4f}{per_token}"
@@ -139,8 +152,17 @@ def summary_figure(run_dir: pathlib.Path, rows: list[SummaryRow]) -> Any:
     axes = list(np.atleast_1d(axes))
     for row, metrics in trained:
         ax = axes.pop(0)
+        steps = [m["step"] for m in metrics]
+        if metrics and "verifier" in metrics[-1]:  # RL: the reward curve (the clipped surrogate loss says little)
+            window = min(RL_WINDOW, len(metrics))
+            ax.plot(steps, [m["verifier"] for m in metrics], color="tab:gray", lw=0.8, alpha=0.6)
+            ax.plot(steps, smooth([m["verifier"] for m in metrics], window), color="tab:red", lw=1.4)
+            ax.set(title=f"{row.stage} sample reward (verifier, mean of {window})", xlabel="iteration",
+                   ylim=(0, 1.05))
+            ax.grid(alpha=0.3)
+            continue
         key = "loss_per_token" if metrics and "loss_per_token" in metrics[-1] else "loss"
-        ax.plot([m["step"] for m in metrics], [m[key] for m in metrics], lw=1.2)
+        ax.plot(steps, [m[key] for m in metrics], lw=1.2)
         ax.set(title=f"{row.stage} {'loss per token' if key == 'loss_per_token' else 'loss'}", xlabel="step")
         ax.grid(alpha=0.3)
     for row, metrics in preference:
