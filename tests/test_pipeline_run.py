@@ -21,7 +21,7 @@ KEEP = ["base", "sft", "preferences"]
 def test_a_finished_run_reads_back_its_stages(uninterrupted):
     run_dir = uninterrupted[0]
     run = open_run(run_dir)
-    assert run.finished_stages == ["base", "sft", "preferences", "dpo"]
+    assert run.finished_stages == ["base", "sft", "preferences", "dpo", "rlvr"]
     assert run.model_dir("sft") == run_dir / "sft" / "hf" and (run.model_dir("sft") / "config.json").is_file()
     with pytest.raises(ConfigError, match="'preferences' makes no model"):
         run.model_dir("preferences")
