@@ -28,6 +28,7 @@ MODEL_STAGES = ("base", "sft", "dpo", "rlvr")
 # sample pair the reference solution (otherwise there might be no pair at all).
 SHORT = {
     "seed": 3,
+    "stages": list(STAGES),
     "world": {"train_problems": 200, "eval_problems": 24, "vocab_size": 300},
     "model": {"preset": "tiny", "overrides": {"vocab_size": 300}},
     "base": {"data": {"max_seq_len": 128, "packing": True}, "optim": {"lr": 3e-3},
