@@ -104,7 +104,8 @@ def test_every_stage_leaves_its_artifacts(uninterrupted):
 
 
 @pytest.mark.slow
-def test_resume_skips_finished_stages_and_continues_a_checkpointed_rlvr_stage(uninterrupted, cache, tmp_path):
+def test_resume_skips_finished_stages_and_continues_a_checkpointed_rlvr_stage(uninterrupted, pipeline_cache,
+                                                                              tmp_path):
     """The finished run with its rlvr stage rolled back to the iteration-1 checkpoint: --resume skips the four
     finished stages, restores rlvr's state, rng and prompt position, and ends where the uninterrupted run did."""
     import shutil
@@ -117,7 +118,8 @@ def test_resume_skips_finished_stages_and_continues_a_checkpointed_rlvr_stage(un
     shutil.rmtree(rlvr / "hf")
     shutil.rmtree(rlvr / "checkpoints" / "2")
     assert sorted(p.name for p in (rlvr / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
-    _, err = finish(start(write_config(tmp_path), cache, "--resume"))
+    # --allow-config-change: only run_dir differs (the copy's), as the message records
+    _, err = finish(start(write_config(tmp_path), pipeline_cache, "--resume", "--allow-config-change"))
     assert all(f"{stage}: finished before, skipped" in err for stage in STAGES[:-1])
     assert "resumed from checkpoint iteration 1" in err
     assert table_numbers(run_dir) == table_numbers(uninterrupted[0])

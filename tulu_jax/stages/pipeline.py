@@ -10,7 +10,9 @@ sets, and a byte-level BPE trained on them. The stages, in `stages` order, are o
 - `sft`: SFT from the base model on chat demonstrations (assistant-only labels, sum loss);
 - `preferences`: on-policy preference data as Tülu 3 builds it: sample several responses per prompt from the
   latest model, score them with the GSM8K verifier, pair a correct response (chosen) with an incorrect one;
-- `dpo`: length-normalized DPO from the latest model on those pairs.
+- `dpo`: length-normalized DPO from the latest model on those pairs;
+- `rlvr`: RLVR (GRPO or PPO, `tulu_jax.stages.rlvr`) from the latest model on the train prompts, rewarded by the
+  GSM8K verifier (its `rlvr` section holds the stage's data/optim/train/rlvr/output sections).
 
 After every stage that makes a model, `tulu_jax.stages.eval.evaluate` scores it (greedy) on the held-out set and
 writes `<stage>/eval.jsonl`. The summary table is computed from those files; `summary.json`, `summary.md` and
