@@ -73,9 +73,10 @@ def test_the_table_counts_are_the_eval_files_and_every_arm_ran_the_same_steps(sh
     held_out = read_jsonl(teacher_run / "data" / "eval.jsonl")
     rows = {r["model"]: r for r in json.loads((run_dir / "comparison.json").read_text())}
     assert list(rows) == ["teacher", *ARMS]
-    assert rows["teacher"]["info"]["stage"] == "dpo"  # the shortened pipeline's last model
+    last = open_run(teacher_run).finished_stages[-1]
+    assert last == "rlvr" and rows["teacher"]["info"]["stage"] == last  # the shortened pipeline's last model
     for name, row in rows.items():
-        directory = teacher_run / "dpo" if name == "teacher" else run_dir / name
+        directory = teacher_run / last if name == "teacher" else run_dir / name
         records = read_jsonl(directory / "eval.jsonl")
         rewards = [verify("gsm8k", r["response"], truth["ground_truth"]) for r, truth in zip(records, held_out)]
         assert [r["reward"] for r in records] == rewards and len(rewards) == len(held_out)
