@@ -23,7 +23,6 @@ benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import pathlib
@@ -33,40 +32,32 @@ import time
 from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_model import (  # noqa: E402  (the shared workload and measuring helpers)
-    QUICK,
-    publish,
-    Workload,
+from bench_model import (  # noqa: E402  (the measuring helpers)
     matmul_jax_gflops,
-    matmul_params,
     median_seconds,
+    model_config,
     peak_rss_gib,
-    train_step_flops,
+    publish,
 )
+from workload import QUICK, STANDARD, Workload  # noqa: E402
 
-LR, CLIP, BETA = 5e-7, 1.0, 5.0
+LR = 5e-7  # the recipe's DPO learning rate (the workload's lr is SFT's)
 SIDES = ("dpo", "dpo_two_forwards", "reference", "sft")
 
 
-def pair_workload(w: Workload) -> Workload:
-    """The FLOP count of a step over both sides: 2 × pairs sequences of train_seq tokens."""
-    return dataclasses.replace(w, train_batch=2 * w.train_batch)
-
-
 def pairs(w: Workload) -> list[dict[str, Any]]:
-    """`train_batch` random pairs: a shared prompt of train_seq/2 tokens, two different responses of train_seq/2."""
+    """`dpo_pairs` random pairs: a shared prompt of dpo_prompt tokens, two different responses of dpo_response."""
     import numpy as np
 
     rng = np.random.default_rng(0)
-    half = w.train_seq // 2
     out = []
-    for _ in range(w.train_batch):
-        prompt = rng.integers(1, w.vocab, half, dtype=np.int32)
+    for _ in range(w.dpo_pairs):
+        prompt = rng.integers(1, w.vocab, w.dpo_prompt, dtype=np.int32)
         pair = {}
         for side in ("chosen", "rejected"):
-            ids = np.concatenate([prompt, rng.integers(1, w.vocab, half, dtype=np.int32)])
+            ids = np.concatenate([prompt, rng.integers(1, w.vocab, w.dpo_response, dtype=np.int32)])
             pair[f"{side}_input_ids"] = ids
-            pair[f"{side}_labels"] = np.where(np.arange(ids.size) >= half, ids, -100).astype(np.int32)
+            pair[f"{side}_labels"] = np.where(np.arange(ids.size) >= w.dpo_prompt, ids, -100).astype(np.int32)
         out.append(pair)
     return out
 
@@ -75,7 +66,6 @@ def setup(w: Workload):
     """Mesh of one device with no sharding, the optimizer, the model config and a fresh state maker."""
     import jax
 
-    from bench_sft import model_config
     from tulu_jax.models import Decoder
     from tulu_jax.sharding import ShardingSpec, make_mesh
     from tulu_jax.stages.sections import OptimSection
@@ -86,7 +76,7 @@ def setup(w: Workload):
              "layers": None, "batch": None, "length": None}
     spec = ShardingSpec(mesh={"data": 1}, rules=rules)
     mesh = make_mesh(spec, devices=jax.devices()[:1])
-    optimizer = OptimSection(lr=LR, warmup_ratio=0.0, clip=CLIP).build(total_steps=1000)
+    optimizer = OptimSection(lr=LR, warmup_ratio=0.0, clip=w.grad_clip).build(total_steps=1000)
     config = model_config(w)
 
     def fresh_state():
@@ -113,7 +103,8 @@ def run_side(side: str, w: Workload, warmup: int, repeats: int) -> dict[str, Any
     out: dict[str, Any] = {"load_before": os.getloadavg()[0]}
     state = fresh_state()
     data = pairs(w)
-    (host,) = make_pair_batches(data, w.train_seq, w.train_batch)
+    seq = w.dpo_prompt + w.dpo_response
+    (host,) = make_pair_batches(data, seq, w.dpo_pairs)
     reference_fn = build_reference_fn(state.graphdef, average=True, concat_forward=True)
 
     if side == "reference":
@@ -129,10 +120,10 @@ def run_side(side: str, w: Workload, warmup: int, repeats: int) -> dict[str, Any
         args = (state, batch, None)  # (state, batch, frozen)
     else:
         table = compute_reference_logps(reference_fn, state.params, state.model_state, [host], len(data))
-        (host,) = make_pair_batches(data, w.train_seq, w.train_batch, reference=table)
+        (host,) = make_pair_batches(data, seq, w.dpo_pairs, reference=table)
         shardings = PairBatch.shardings(mesh, spec, reference=True)
         batch = jax.device_put(PairBatch.from_host(host), shardings)
-        dpo = DPOSection(loss_type="dpo_norm", beta=BETA, concat_forward=side == "dpo")
+        dpo = DPOSection(loss_type="dpo_norm", beta=w.dpo_beta, concat_forward=side == "dpo")
         fn = build_dpo_step(state.graphdef, optimizer, dpo, state_shardings=shardings_of(state),
                             batch_shardings=shardings)
         args = (state, batch, None)  # (state, batch, frozen)
@@ -170,15 +161,15 @@ def subprocess_json(args: list[str]) -> dict[str, Any]:
 
 def table(w: Workload, results: dict[str, dict[str, Any]]) -> str:
     """A Markdown table of the four measurements."""
-    both = pair_workload(w)
-    tokens = both.train_batch * both.train_seq
-    train_flops = train_step_flops(both)
+    seq = w.dpo_prompt + w.dpo_response
+    tokens = 2 * w.dpo_pairs * seq
+    train_flops = w.dpo_step_flops()
     forward_flops = train_flops / 3  # 2·N·T + 4·L·d·S²·B
     sft_tps = tokens / results["sft"]["step_s"]
     labels = {
         "dpo": "tulu-jax DPO step (dpo_norm β 5, cached reference, concat forward)",
         "dpo_two_forwards": "tulu-jax DPO step, two forwards (concat_forward: false)",
-        "sft": f"tulu-jax SFT step on the same {both.train_batch} × {both.train_seq} tokens",
+        "sft": f"tulu-jax SFT step on the same {2 * w.dpo_pairs} × {seq} tokens",
         "reference": "reference pass (no-grad forward of both sides)",
     }
     rows = []
@@ -196,8 +187,8 @@ def table(w: Workload, results: dict[str, dict[str, Any]]) -> str:
     head = ("| what | tokens/s | GFLOP/s | MFU | peak RSS GiB | XLA temp GiB | vs SFT | note |\n"
             "|---|---|---|---|---|---|---|---|\n")
     body = "\n".join("| " + " | ".join(row) + " |" for row in rows)
-    meta = (f"{w.train_batch} pairs × ({w.train_seq // 2} prompt + {w.train_seq // 2} response) tokens per side = "
-            f"{tokens} tokens per step; N = {matmul_params(w) / 1e6:.1f} M matmul parameters, "
+    meta = (f"{w.dpo_pairs} pairs × ({w.dpo_prompt} prompt + {w.dpo_response} response) tokens per side = "
+            f"{tokens} tokens per step; N = {w.matmul_params() / 1e6:.1f} M matmul parameters, "
             f"{train_flops / 1e9:.0f} GFLOP per train step; one CPU device, each row in its own process; "
             f"XLA_FLAGS=`{os.environ.get('XLA_FLAGS') or '(none)'}` (2 shared cores: figures are noisy)")
     return f"{head}{body}\n\n{meta}\n"
@@ -212,7 +203,7 @@ def main() -> None:
     parser.add_argument("--append", action="store_true", help="append to RESULTS.md even with --quick")
     args = parser.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    w = QUICK if args.quick else Workload()
+    w = QUICK if args.quick else STANDARD
     if args.side:
         print(json.dumps(run_side(args.side, w, args.warmup, args.repeats)))
         return

@@ -1,8 +1,9 @@
 """Model benchmark on this machine: matmul peak, memory bandwidth, forward+backward throughput, KV-cache sampling.
 
-Standard workload (benchmarks/README.md): a Llama-shaped decoder, hidden 512, intermediate 1536, 8 layers, 8 heads /
-4 KV heads, vocab 32000, RoPE θ 500000, float32, untied, random init. Every figure is the median of `--repeats`
-timed runs after `--warmup` untimed ones. Prints a Markdown table and appends it to benchmarks/RESULTS.md.
+Standard workload (workload.py's STANDARD; `--quick` runs its QUICK): a Llama-shaped decoder, hidden 512,
+intermediate 1536, 8 layers, 8 heads / 4 KV heads, vocab 32000, RoPE θ 500000, float32, untied, random init. Every
+figure is the median of `--repeats` timed runs after `--warmup` untimed ones. Prints a Markdown table and appends
+it to benchmarks/RESULTS.md.
 
     python benchmarks/bench_model.py            # the full run (a few minutes)
     python benchmarks/bench_model.py --quick    # a small smoke run (seconds; not appended unless --append)
@@ -12,7 +13,6 @@ timed runs after `--warmup` untimed ones. Prints a Markdown table and appends it
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from workload import QUICK, STANDARD, Workload
+
 RESULTS = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
 
 # XLA:CPU flag sets tried by --sweep (jaxlib 0.10.2). Dots go to YNNPACK by default; the alternatives hand them to
@@ -38,29 +40,6 @@ SWEEP_FLAGS = {
     "ynn off + xnn dot": "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_experimental_xnn_fusion_type=dot",
     "fast math": "--xla_cpu_enable_fast_math=true",
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class Workload:
-    """Model shape and problem sizes of one benchmark run."""
-
-    hidden: int = 512
-    intermediate: int = 1536
-    layers: int = 8
-    heads: int = 8
-    kv_heads: int = 4
-    vocab: int = 32000
-    train_batch: int = 8
-    train_seq: int = 512
-    gen_batch: int = 8
-    prompt_len: int = 128
-    new_tokens: int = 128
-    matmul_n: int = 4096
-    bandwidth_mib: int = 1024
-
-
-QUICK = Workload(hidden=128, intermediate=384, layers=2, heads=4, kv_heads=2, vocab=4096, train_batch=2,
-                 train_seq=128, gen_batch=4, prompt_len=32, new_tokens=32, matmul_n=1024, bandwidth_mib=256)
 
 
 def median_seconds(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
@@ -127,31 +106,22 @@ def bandwidth_gbs(mib: int, warmup: int, repeats: int) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------------- the model
-def build_model(w: Workload):
+def model_config(w: Workload) -> Any:
+    """The workload's ModelConfig: Llama-shaped, untied, float32."""
+    from tulu_jax.models import ModelConfig
+
+    return ModelConfig(vocab_size=w.vocab, hidden_size=w.hidden, intermediate_size=w.intermediate,
+                       num_layers=w.layers, num_heads=w.heads, num_kv_heads=w.kv_heads, head_dim=w.head_dim,
+                       rope_theta=w.rope_theta, tie_word_embeddings=False, max_position_embeddings=4096)
+
+
+def build_model(w: Workload) -> Any:
     """The workload's Decoder, random init (std 0.02) on one device."""
     from flax import nnx
 
-    from tulu_jax.models import Decoder, ModelConfig
+    from tulu_jax.models import Decoder
 
-    config = ModelConfig(vocab_size=w.vocab, hidden_size=w.hidden, intermediate_size=w.intermediate,
-                         num_layers=w.layers, num_heads=w.heads, num_kv_heads=w.kv_heads,
-                         head_dim=w.hidden // w.heads, rope_theta=500000.0, tie_word_embeddings=False,
-                         max_position_embeddings=4096)
-    return Decoder(config, rngs=nnx.Rngs(0))
-
-
-def matmul_params(w: Workload) -> int:
-    """N in 6·N·T: parameters that take part in matmuls (all but the embedding table and the norm weights)."""
-    d = w.hidden // w.heads
-    attention = w.hidden * d * (2 * w.heads + 2 * w.kv_heads)
-    mlp = 3 * w.hidden * w.intermediate
-    return w.layers * (attention + mlp) + w.hidden * w.vocab
-
-
-def train_step_flops(w: Workload) -> float:
-    """6·N·T + 12·L·d·S²·B for one forward+backward over a [B, S] batch."""
-    tokens = w.train_batch * w.train_seq
-    return 6 * matmul_params(w) * tokens + 12 * w.layers * w.hidden * w.train_seq**2 * w.train_batch
+    return Decoder(model_config(w), rngs=nnx.Rngs(0))
 
 
 def bench_train(model, w: Workload, warmup: int, repeats: int) -> dict[str, float]:
@@ -163,7 +133,7 @@ def bench_train(model, w: Workload, warmup: int, repeats: int) -> dict[str, floa
     from tulu_jax.losses import token_logps
 
     graphdef, params = nnx.split(model)
-    ids = jax.random.randint(jax.random.key(1), (w.train_batch, w.train_seq + 1), 0, w.vocab, jnp.int32)
+    ids = jax.random.randint(jax.random.key(1), (w.sft_batch, w.sft_seq + 1), 0, w.vocab, jnp.int32)
     inputs, targets = ids[:, :-1], ids[:, 1:]
 
     @jax.jit
@@ -174,15 +144,15 @@ def bench_train(model, w: Workload, warmup: int, repeats: int) -> dict[str, floa
         return jax.value_and_grad(loss_fn)(params)
 
     seconds = median_seconds(lambda: jax.block_until_ready(step(params, inputs, targets)), warmup, repeats)
-    flops = train_step_flops(w)
-    return {"step_s": seconds, "tokens_per_s": w.train_batch * w.train_seq / seconds, "gflops": flops / seconds / 1e9}
+    flops = w.sft_step_flops()
+    return {"step_s": seconds, "tokens_per_s": w.sft_batch * w.sft_seq / seconds, "gflops": flops / seconds / 1e9}
 
 
 def random_prompts(w: Workload) -> list[list[int]]:
     import numpy as np
 
     rng = np.random.default_rng(0)
-    return [list(map(int, rng.integers(1, w.vocab, w.prompt_len))) for _ in range(w.gen_batch)]
+    return [list(map(int, rng.integers(1, w.vocab, w.gen_prompt))) for _ in range(w.gen_batch)]
 
 
 def bench_sampler(model, w: Workload, warmup: int, repeats: int) -> dict[str, Any]:
@@ -195,20 +165,20 @@ def bench_sampler(model, w: Workload, warmup: int, repeats: int) -> dict[str, An
     def run(n):
         result["last"] = generate(model, prompts, max_new_tokens=n)
 
-    seconds = median_seconds(lambda: run(w.new_tokens), warmup, repeats)
+    seconds = median_seconds(lambda: run(w.gen_new), warmup, repeats)
     tokens = result["last"].tokens
     prefill = median_seconds(lambda: run(1), warmup, repeats)
-    return {"seconds": seconds, "new_tokens_per_s": w.gen_batch * w.new_tokens / seconds, "prefill_s": prefill,
-            "decode_step_s": (seconds - prefill) / (w.new_tokens - 1), "tokens": tokens}
+    return {"seconds": seconds, "new_tokens_per_s": w.gen_batch * w.gen_new / seconds, "prefill_s": prefill,
+            "decode_step_s": (seconds - prefill) / (w.gen_new - 1), "tokens": tokens}
 
 
 def decode_bytes_per_step(w: Workload) -> int:
     """Bytes one decode step must read: every weight used in a matmul plus the whole KV cache (float32)."""
     from tulu_jax.models.sampler import bucket_length
 
-    slots = bucket_length(w.prompt_len) + bucket_length(w.new_tokens)
-    kv = 2 * w.layers * w.gen_batch * slots * w.kv_heads * (w.hidden // w.heads)
-    return 4 * (matmul_params(w) + kv)
+    slots = bucket_length(w.gen_prompt) + bucket_length(w.gen_new)
+    kv = 2 * w.layers * w.gen_batch * slots * w.kv_heads * w.head_dim
+    return 4 * (w.matmul_params() + kv)
 
 
 def bench_hf_generate(model, w: Workload, warmup: int, repeats: int) -> dict[str, Any]:
@@ -228,12 +198,12 @@ def bench_hf_generate(model, w: Workload, warmup: int, repeats: int) -> dict[str
     def run():
         with torch.inference_mode():
             result["out"] = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                        max_new_tokens=w.new_tokens, min_new_tokens=w.new_tokens,
+                                        max_new_tokens=w.gen_new, min_new_tokens=w.gen_new,
                                         eos_token_id=None, pad_token_id=0)
 
     seconds = median_seconds(run, warmup, repeats)
-    tokens = result["out"][:, w.prompt_len:].numpy().astype(np.int32)
-    return {"seconds": seconds, "new_tokens_per_s": w.gen_batch * w.new_tokens / seconds, "tokens": tokens}
+    tokens = result["out"][:, w.gen_prompt:].numpy().astype(np.int32)
+    return {"seconds": seconds, "new_tokens_per_s": w.gen_batch * w.gen_new / seconds, "tokens": tokens}
 
 
 # ---------------------------------------------------------------------------------------------------- reporting
@@ -299,14 +269,14 @@ def table(w: Workload, r: dict[str, Any], flags: str) -> str:
     if "train" in r:
         t = r["train"]
         mfu = f", MFU {t['gflops'] / peak:.0%} of the XLA matmul" if peak else ""
-        rows.append((f"fwd+bwd, batch {w.train_batch}×{w.train_seq}", f"{t['tokens_per_s']:.0f}",
+        rows.append((f"fwd+bwd, batch {w.sft_batch}×{w.sft_seq}", f"{t['tokens_per_s']:.0f}",
                      f"{t['gflops']:.0f}", f"{t['step_s']:.2f} s/step{mfu}; peak RSS {r['train_rss_gib']:.2f} GiB"))
     if "sampler" in r:
         s = r["sampler"]
         machine_bw = max(bw.values()) if bw else None
         step_bw = decode_bytes_per_step(w) / s["decode_step_s"] / 1e9
         frac = f" = {step_bw / machine_bw:.0%} of {machine_bw:.1f}" if machine_bw else ""
-        rows.append((f"generate, tulu-jax, {w.gen_batch}×{w.prompt_len} + {w.new_tokens} greedy",
+        rows.append((f"generate, tulu-jax, {w.gen_batch}×{w.gen_prompt} + {w.gen_new} greedy",
                      f"{s['new_tokens_per_s']:.0f} new", "—",
                      f"{s['seconds']:.2f} s; prefill {s['prefill_s'] * 1e3:.0f} ms; decode "
                      f"{s['decode_step_s'] * 1e3:.1f} ms/step reads {step_bw:.1f} GB/s{frac}"))
@@ -355,7 +325,7 @@ def main() -> None:
     parser.add_argument("--append", action="store_true", help="append to RESULTS.md even with --quick")
     args = parser.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a libtpu install would otherwise probe for TPUs
-    w = QUICK if args.quick else Workload()
+    w = QUICK if args.quick else STANDARD
 
     if args.sweep:
         text = "XLA flag sweep (" + ("quick" if args.quick else "standard") + " workload)\n\n" + sweep(args)

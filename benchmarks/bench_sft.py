@@ -30,20 +30,16 @@ import time
 from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_model import (  # noqa: E402  (the shared workload and measuring helpers)
-    QUICK,
-    publish,
+from bench_model import (  # noqa: E402  (the measuring helpers)
     SWEEP_FLAGS,
-    Workload,
     matmul_jax_gflops,
-    matmul_params,
     matmul_torch_gflops,
     median_seconds,
+    model_config,
     peak_rss_gib,
-    train_step_flops,
+    publish,
 )
-
-LR, CLIP = 1e-5, 1.0
+from workload import QUICK, STANDARD, Workload  # noqa: E402
 
 
 def sft_batch(w: Workload, packed: bool) -> dict[str, Any]:
@@ -55,22 +51,14 @@ def sft_batch(w: Workload, packed: bool) -> dict[str, Any]:
 
     rng = np.random.default_rng(0)
     rows_per_seq = 2 if packed else 1
-    length = w.train_seq // rows_per_seq
+    length = w.sft_seq // rows_per_seq
     rows = []
-    for _ in range(w.train_batch * rows_per_seq):
+    for _ in range(w.sft_batch * rows_per_seq):
         ids = rng.integers(1, w.vocab, length, dtype=np.int32)
         rows.append({"input_ids": ids, "labels": ids})
-    batches = make_batches(rows, w.train_seq, w.train_batch, packed=packed)
+    batches = make_batches(rows, w.sft_seq, w.sft_batch, packed=packed)
     assert len(batches) == 1 and (batches[0]["segment_ids"] > 0).all()
     return batches[0]
-
-
-def model_config(w: Workload):
-    from tulu_jax.models import ModelConfig
-
-    return ModelConfig(vocab_size=w.vocab, hidden_size=w.hidden, intermediate_size=w.intermediate,
-                       num_layers=w.layers, num_heads=w.heads, num_kv_heads=w.kv_heads, head_dim=w.hidden // w.heads,
-                       rope_theta=500000.0, tie_word_embeddings=False, max_position_embeddings=4096)
 
 
 def bench_jax(w: Workload, warmup: int, repeats: int, kinds: tuple[str, ...] = ("padded", "packed")) -> dict[str, Any]:
@@ -90,7 +78,7 @@ def bench_jax(w: Workload, warmup: int, repeats: int, kinds: tuple[str, ...] = (
              "layers": None, "batch": None, "length": None}
     spec = ShardingSpec(mesh={"data": 1}, rules=rules)
     mesh = make_mesh(spec, devices=jax.devices()[:1])
-    optimizer = OptimSection(lr=LR, warmup_ratio=0.0, clip=CLIP).build(total_steps=1000)
+    optimizer = OptimSection(lr=w.lr, warmup_ratio=0.0, clip=w.grad_clip).build(total_steps=1000)
     config = model_config(w)
     out: dict[str, Any] = {"load_before": os.getloadavg()[0]}
     for kind in kinds:
@@ -127,11 +115,11 @@ def bench_torch(w: Workload, warmup: int, repeats: int) -> dict[str, Any]:
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=w.vocab, hidden_size=w.hidden, intermediate_size=w.intermediate, num_hidden_layers=w.layers,
-        num_attention_heads=w.heads, num_key_value_heads=w.kv_heads, head_dim=w.hidden // w.heads,
-        rope_theta=500000.0, max_position_embeddings=4096, tie_word_embeddings=False, attn_implementation="sdpa",
+        num_attention_heads=w.heads, num_key_value_heads=w.kv_heads, head_dim=w.head_dim,
+        rope_theta=w.rope_theta, max_position_embeddings=4096, tie_word_embeddings=False, attn_implementation="sdpa",
     )
     model = transformers.LlamaForCausalLM(config).float().train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=w.lr, fused=True)
     batch = sft_batch(w, packed=False)
     ids = torch.from_numpy(batch["input_ids"].astype(np.int64))
     targets = torch.from_numpy(batch["targets"].astype(np.int64))
@@ -141,9 +129,9 @@ def bench_torch(w: Workload, warmup: int, repeats: int) -> dict[str, Any]:
     def step() -> None:
         logits = model(input_ids=ids).logits.float()
         nll = torch.nn.functional.cross_entropy(logits.view(-1, w.vocab), targets.view(-1), reduction="none")
-        loss = (nll * mask.view(-1)).sum() / w.train_batch  # the recipe's sum loss: Σ NLL / sequences
+        loss = (nll * mask.view(-1)).sum() / w.sft_batch  # the recipe's sum loss: Σ NLL / sequences
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), w.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         out["loss"] = float(loss)
@@ -166,8 +154,8 @@ def subprocess_json(args: list[str], env: dict[str, str] | None = None) -> dict[
 
 
 def table(w: Workload, jax_r: dict[str, Any], torch_r: dict[str, Any], flags: str) -> str:
-    tokens = w.train_batch * w.train_seq
-    flops = train_step_flops(w)
+    tokens = w.sft_batch * w.sft_seq
+    flops = w.sft_step_flops()
     rows = []
     torch_tps = tokens / torch_r["step_s"]
     for kind in ("padded", "packed"):
@@ -187,8 +175,8 @@ def table(w: Workload, jax_r: dict[str, Any], torch_r: dict[str, Any], flags: st
     head = ("| what | tokens/s | GFLOP/s | MFU | peak RSS GiB | vs PyTorch | note |\n"
             "|---|---|---|---|---|---|---|\n")
     body = "\n".join("| " + " | ".join(row) + " |" for row in rows)
-    n = matmul_params(w)
-    meta = (f"batch {w.train_batch}×{w.train_seq}, all supervised; N = {n / 1e6:.1f} M matmul parameters "
+    n = w.matmul_params()
+    meta = (f"batch {w.sft_batch}×{w.sft_seq}, all supervised; N = {n / 1e6:.1f} M matmul parameters "
             f"({jax_r['padded']['params'] / 1e6:.1f} M in all), {flops / 1e9:.0f} GFLOP per step; "
             f"XLA_FLAGS=`{flags or '(none)'}`; "
             f"load average jax {jax_r['load_before']:.1f}–{jax_r['load_after']:.1f}, "
@@ -199,8 +187,8 @@ def table(w: Workload, jax_r: dict[str, Any], torch_r: dict[str, Any], flags: st
 def sweep(args: argparse.Namespace, w_args: list[str]) -> str:
     """The padded tulu-jax step under each of bench_model's XLA flag sets, one subprocess per set."""
     lines = ["| XLA_FLAGS | padded tokens/s | s/step | XLA matmul GFLOP/s | load |", "|---|---|---|---|---|"]
-    w = QUICK if args.quick else Workload()
-    tokens = w.train_batch * w.train_seq
+    w = QUICK if args.quick else STANDARD
+    tokens = w.sft_batch * w.sft_seq
     for name, flags in SWEEP_FLAGS.items():
         env = dict(os.environ, XLA_FLAGS=flags)
         try:
@@ -226,7 +214,7 @@ def main() -> None:
     parser.add_argument("--append", action="store_true", help="append to RESULTS.md even with --quick")
     args = parser.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    w = QUICK if args.quick else Workload()
+    w = QUICK if args.quick else STANDARD
     w_args = ["--warmup", str(args.warmup), "--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
     if args.side == "jax":
         print(json.dumps(bench_jax(w, args.warmup, args.repeats, tuple(args.kinds.split(",")))))

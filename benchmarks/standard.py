@@ -31,7 +31,14 @@ from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_model import bandwidth_gbs, matmul_jax_gflops, peak_rss_gib  # noqa: E402
+from bench_dpo import pairs  # noqa: E402
+from bench_model import (  # noqa: E402
+    bandwidth_gbs,
+    decode_bytes_per_step,
+    matmul_jax_gflops,
+    model_config,
+    peak_rss_gib,
+)
 from workload import STANDARD, TINY, TIMED_STEPS, WARMUP_STEPS, Workload  # noqa: E402
 
 
@@ -57,14 +64,6 @@ def summary(times: list[float], tokens: int, flops: float, ceiling: float, key: 
     rate = "new_tokens_per_s" if key == "gen_s" else "tokens_per_s"
     return {f"{key}_median": med, f"{key}_all": [round(t, 4) for t in times], rate: tokens / med,
             "achieved_gflops": flops / med / 1e9, "mfu": flops / med / 1e9 / ceiling}
-
-
-def model_config(w: Workload) -> Any:
-    from tulu_jax.models import ModelConfig
-
-    return ModelConfig(vocab_size=w.vocab, hidden_size=w.hidden, intermediate_size=w.intermediate,
-                       num_layers=w.layers, num_heads=w.heads, num_kv_heads=w.kv_heads, head_dim=w.head_dim,
-                       rope_theta=w.rope_theta, tie_word_embeddings=False, max_position_embeddings=4096)
 
 
 def setup(w: Workload) -> tuple[Any, Any, Any, Callable[[], Any]]:
@@ -133,15 +132,6 @@ def part_sft_packed(w: Workload, args: argparse.Namespace) -> dict[str, Any]:
     return part_sft(w, args, packed=True)
 
 
-def preference_pairs(w: Workload) -> list[dict[str, Any]]:
-    """Random pairs (bench_dpo's generator): a shared prompt, two different responses; only responses labelled."""
-    import bench_model
-    from bench_dpo import pairs
-
-    assert w.dpo_prompt == w.dpo_response, "bench_dpo.pairs splits each sequence in two equal halves"
-    return pairs(bench_model.Workload(vocab=w.vocab, train_batch=w.dpo_pairs, train_seq=w.dpo_prompt + w.dpo_response))
-
-
 def part_dpo(w: Workload, args: argparse.Namespace, concat: bool = True) -> dict[str, Any]:
     import jax
 
@@ -153,7 +143,7 @@ def part_dpo(w: Workload, args: argparse.Namespace, concat: bool = True) -> dict
 
     spec, mesh, optimizer, fresh = setup(w)
     state = fresh()
-    data = preference_pairs(w)
+    data = pairs(w)  # a shared prompt, two different responses; only responses labelled
     seq = w.dpo_prompt + w.dpo_response
     (host,) = make_pair_batches(data, seq, w.dpo_pairs)
     start = time.perf_counter()
@@ -178,14 +168,6 @@ def part_dpo(w: Workload, args: argparse.Namespace, concat: bool = True) -> dict
 
 def part_dpo_two(w: Workload, args: argparse.Namespace) -> dict[str, Any]:
     return part_dpo(w, args, concat=False)
-
-
-def decode_bytes_per_step(w: Workload) -> int:
-    """Bytes a decode step must read at least: every matmul weight and the whole KV cache (float32)."""
-    from tulu_jax.models.sampler import bucket_length
-
-    slots = bucket_length(w.gen_prompt) + bucket_length(w.gen_new)
-    return 4 * (w.matmul_params() + 2 * w.layers * w.gen_batch * slots * w.kv_heads * w.head_dim)
 
 
 def part_gen(w: Workload, args: argparse.Namespace) -> dict[str, Any]:

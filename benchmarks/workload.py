@@ -2,7 +2,8 @@
 
 Source: the side-by-side harness's `../shared/bench/workload.py` (the constants TRL/PyTorch, Tunix and tulu-jax are
 all measured on); copied here so a clone without `../shared` runs `benchmarks/standard.py` on the same problem.
-Keep the `STANDARD` values equal to the harness's: its FLOP formulas and ratios assume them.
+Keep the `STANDARD` values equal to the harness's: its FLOP formulas and ratios assume them. `QUICK` and `TINY` are
+this repository's own smoke sizes (bench_model / bench_sft / bench_dpo `--quick`, standard.py `--tiny`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Workload:
 
     @property
     def head_dim(self) -> int:
+        """Width of one attention head."""
         return self.hidden // self.heads
 
     def matmul_params(self) -> int:
@@ -50,6 +52,7 @@ class Workload:
         return 6 * self.matmul_params() * batch * seq + 12 * self.layers * self.hidden * seq * seq * batch
 
     def sft_step_flops(self) -> int:
+        """One SFT train step over sft_batch × sft_seq tokens."""
         return self.train_flops(self.sft_batch, self.sft_seq)
 
     def dpo_step_flops(self) -> int:
@@ -68,5 +71,9 @@ STANDARD = Workload()
 TINY = Workload(vocab=512, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, sft_batch=2, sft_seq=32,
                 dpo_pairs=2, dpo_prompt=16, dpo_response=16, gen_batch=2, gen_prompt=16, gen_new=8, matmul_n=256,
                 bandwidth_mib=8)
+# A small smoke run of the bench_*.py scripts (`--quick`; seconds to a minute, figures only roughly comparable).
+QUICK = Workload(vocab=4096, hidden=128, intermediate=384, layers=2, heads=4, kv_heads=2, sft_batch=2, sft_seq=128,
+                 dpo_pairs=2, dpo_prompt=64, dpo_response=64, gen_batch=4, gen_prompt=32, gen_new=32, matmul_n=1024,
+                 bandwidth_mib=256)
 WARMUP_STEPS = 2  # excluded (compile / allocator warm-up)
 TIMED_STEPS = 5  # median reported
