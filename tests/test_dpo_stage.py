@@ -31,7 +31,7 @@ from tulu_jax.data.rows import Source
 from tulu_jax.data.tokenizers import load_tokenizer
 from tulu_jax.errors import CheckpointError, ConfigError
 from tulu_jax.models.presets import preset_config
-from tulu_jax.sharding import load_sharding, make_mesh
+from tulu_jax.sharding import load_sharding
 from tulu_jax.stages.paths import resolve_path
 from tulu_jax.stages.sections import ModelSection, OptimSection
 from tulu_jax.stages.setup import init_stage_state
@@ -55,6 +55,8 @@ from tulu_jax.stages.reference import (
 )
 from tulu_jax.train import shardings_of
 from tulu_jax.train.batches import PairBatch
+
+from stage_cache import StageCache
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY_CONFIG = REPO / "configs" / "tiny_dpo.yaml"
@@ -87,44 +89,14 @@ def model():
     return initial_state("one").model()
 
 
-_MESHES: dict = {}
-
-
-def mesh(name: str):
-    """(spec, mesh): "one" CPU device or the 8-device data × fsdp × tensor mesh."""
-    if name not in _MESHES:
-        if name == "one":
-            spec = load_sharding(REPO / "sharding" / "cpu-1.yaml")
-            _MESHES[name] = spec, make_mesh(spec, devices=jax.devices()[:1])
-        else:
-            spec = load_sharding(CPU8)
-            _MESHES[name] = spec, make_mesh(spec)
-    return _MESHES[name]
-
-
-_STATES: dict = {}
-
-
-def initial_state(mesh_name: str):
-    """The seed-0 tiny model and fresh optimizer state, sharded on the mesh (a new copy: steps donate it)."""
-    if mesh_name not in _STATES:
-        spec, m = mesh(mesh_name)
-        _STATES[mesh_name] = init_stage_state(ModelSection(preset="tiny"), preset_config("tiny"), OPT, m, spec, seed=0)
-    return jax.tree.map(jnp.copy, _STATES[mesh_name])
-
-
-_STEPS: dict = {}
-
-
-def dpo_step(mesh_name: str, accum: int):
-    if (mesh_name, accum) not in _STEPS:
-        spec, m = mesh(mesh_name)
-        state = initial_state(mesh_name)
-        _STEPS[mesh_name, accum] = build_dpo_step(
-            state.graphdef, OPT, NORM, state_shardings=shardings_of(state),
-            batch_shardings=PairBatch.shardings(m, spec, reference=True), grad_accum_steps=accum,
-        )
-    return _STEPS[mesh_name, accum]
+STAGE_CACHE = StageCache(
+    lambda spec, m: init_stage_state(ModelSection(preset="tiny"), preset_config("tiny"), OPT, m, spec, seed=0),
+    lambda state, spec, m, accum: build_dpo_step(
+        state.graphdef, OPT, NORM, state_shardings=shardings_of(state),
+        batch_shardings=PairBatch.shardings(m, spec, reference=True), grad_accum_steps=accum,
+    ),
+)
+initial_state, dpo_step = STAGE_CACHE.initial_state, STAGE_CACHE.step
 
 
 _REFERENCE_FNS: dict = {}

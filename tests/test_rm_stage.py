@@ -29,7 +29,7 @@ from tulu_jax.errors import DataError
 from tulu_jax.models.hf_io import save_hf_checkpoint
 from tulu_jax.models.presets import preset_config
 from tulu_jax.models.reward import RewardModel
-from tulu_jax.sharding import load_sharding, make_mesh
+from tulu_jax.sharding import load_sharding
 from tulu_jax.stages.paths import resolve_path
 from tulu_jax.stages.rm import STAGE, RMConfig, RMSection, build_rm_step, check_pad_token, rm_loss_fn
 from tulu_jax.stages.dpo import pair_denominators
@@ -37,6 +37,8 @@ from tulu_jax.stages.sections import OptimSection, load_stage_config
 from tulu_jax.train import init_train_state, shardings_of
 from tulu_jax.stages.setup import variable_shardings
 from tulu_jax.train.batches import PairBatch
+
+from stage_cache import StageCache, mesh
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY_CONFIG = REPO / "configs" / "tiny_rm.yaml"
@@ -62,42 +64,15 @@ def pairs(tokenizer):
     return pairs
 
 
-_MESHES: dict = {}
-
-
-def mesh(name: str):
-    """(spec, mesh): "one" CPU device or the 8-device data × fsdp × tensor mesh."""
-    if name not in _MESHES:
-        spec = load_sharding(REPO / "sharding" / ("cpu-1.yaml" if name == "one" else "cpu-8.yaml"))
-        _MESHES[name] = spec, make_mesh(spec, devices=jax.devices()[:1] if name == "one" else None)
-    return _MESHES[name]
-
-
-_STATES: dict = {}
-
-
-def initial_state(mesh_name: str):
-    """The seed-0 tiny RewardModel with a fresh optimizer state on the mesh (a new copy: steps donate it)."""
-    if mesh_name not in _STATES:
-        spec, m = mesh(mesh_name)
-        config = preset_config("tiny").replace(pad_token_id=1)
-        _STATES[mesh_name] = init_train_state(lambda rngs: RewardModel(config, rngs), OPT, m,
-                                              variable_shardings(m, spec), seed=0)
-    return jax.tree.map(jnp.copy, _STATES[mesh_name])
-
-
-_STEPS: dict = {}
-
-
-def rm_step(mesh_name: str, accum: int):
-    if (mesh_name, accum) not in _STEPS:
-        spec, m = mesh(mesh_name)
-        state = initial_state(mesh_name)
-        _STEPS[mesh_name, accum] = build_rm_step(
-            state.graphdef, OPT, CONCAT, state_shardings=shardings_of(state),
-            batch_shardings=PairBatch.shardings(m, spec, reference=False), grad_accum_steps=accum,
-        )
-    return _STEPS[mesh_name, accum]
+STAGE_CACHE = StageCache(
+    lambda spec, m: init_train_state(lambda rngs: RewardModel(preset_config("tiny").replace(pad_token_id=1), rngs),
+                                     OPT, m, variable_shardings(m, spec), seed=0),
+    lambda state, spec, m, accum: build_rm_step(
+        state.graphdef, OPT, CONCAT, state_shardings=shardings_of(state),
+        batch_shardings=PairBatch.shardings(m, spec, reference=False), grad_accum_steps=accum,
+    ),
+)
+initial_state, rm_step = STAGE_CACHE.initial_state, STAGE_CACHE.step
 
 
 def run_steps(mesh_name: str, accum: int, batches: list) -> tuple[object, list[dict]]:
