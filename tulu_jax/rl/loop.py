@@ -108,6 +108,9 @@ class RLVRLoop:
             frozen_shardings=shardings_of(setup.frozen), batch_sharding=self.rollout.batch_sharding)
         self.select = build_select_rows(batch_shardings)
         self.replicate = jax.jit(lambda x: x, out_shardings=self.rollout.replicated)
+        # Chunks' rollouts into one, field by field, laid out directly where the whole rollout lives.
+        self.concatenate = jax.jit(lambda outs: jax.tree.map(lambda *parts: jnp.concatenate(parts), *outs),
+                                   out_shardings=self.rollout.output_shardings)
         self.stops = stop_ids(setup.model_config, setup.tokenizer)
         self.per_iteration = config.train.global_batch_size // self.rl.group_size
         self.nonfinite: NonfiniteCounter | None = None  # set by `run`: stops after consecutive skipped updates
@@ -157,14 +160,7 @@ class RLVRLoop:
 
     def _concatenate(self, outs: list[RolloutOutput]) -> RolloutOutput:
         """The chunks' outputs as one batch-sharded rollout."""
-        if len(outs) == 1:
-            return outs[0]
-        fields = {}
-        for field in dataclasses.fields(RolloutOutput):
-            parts = [getattr(out, field.name) for out in outs]
-            sharding = self.rollout.batch_sharding if parts[0].ndim == 2 else self.rollout.row_sharding
-            fields[field.name] = jax.device_put(jnp.concatenate(parts), sharding)
-        return RolloutOutput(**fields)
+        return outs[0] if len(outs) == 1 else self.concatenate(outs)
 
     def generate(self, state: MultiTrainState, iteration: int) -> tuple[RolloutOutput, list[int]]:
         """Sample all of iteration `iteration`'s responses (every chunk) from the policy's own arrays."""

@@ -29,6 +29,7 @@ PyTree = Any
 CACHE_AXES = ("layers", "batch", "length", "act_kv_heads", "head_dim")
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class RolloutOutput:
     """Device arrays, batch-sharded. tokens int32 [B, N] (pad after the stop token), logprobs float32 [B, N] (log π
@@ -107,6 +108,9 @@ class Rollout:
             return tokens[:, :max_new_tokens], logprobs[:, :max_new_tokens], lengths, finished
 
         matrix, row, replicated = self.batch_sharding, self.row_sharding, self.replicated
+        # Where each field of a RolloutOutput lives: [B, ·] fields batch-sharded, [B] fields row-sharded.
+        self.output_shardings = RolloutOutput(tokens=matrix, logprobs=matrix, lengths=row, finished=row,
+                                              prompt_ids=matrix, prompt_mask=matrix)
         self.jitted = jax.jit(
             run,
             in_shardings=(self.param_shardings, matrix, matrix, replicated, replicated, replicated),
