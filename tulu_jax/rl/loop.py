@@ -1,10 +1,15 @@
 """The RLVR iteration loop (`tulu-jax rlvr`): prompts → rollouts from the policy being trained → verifier scores →
 `RolloutBatch` → K PPO epochs over shuffled minibatches; metrics, checkpoints, resume and export.
 
-Determinism: iteration i takes the next `global_batch_size / group_size` prompts of a per-epoch permutation seeded
-by (data.seed, epoch), samples with `fold_in(state.rng, i)` and shuffles minibatches with (train.seed, i, epoch), so
-the prompt iterator's whole state is the iteration number (stored with each checkpoint) and a resumed run draws
-the same rollouts as an uninterrupted one.
+Determinism: iteration i takes the next `rlvr.rollout_prompts` (default global_batch_size / group_size) prompts of
+a per-epoch permutation seeded by (data.seed, epoch), samples with `fold_in(state.rng, i)` and shuffles minibatches
+with (train.seed, i, epoch), so the prompt iterator's whole state is the iteration number (stored with each
+checkpoint) and a resumed run draws the same rollouts as an uninterrupted one.
+
+Dynamic sampling (GRPO, `rlvr.rollout_prompts` above the trained global_batch_size / group_size groups): the
+iteration trains on the groups whose scores differ first (`tulu_jax.rl.rewards.groups_with_spread_first`); the
+reward, verifier, non-stop and length metrics stay those of every sampled row, the KL, entropy and loss metrics are
+the trained rows'.
 
 Scoring overlaps generation within an iteration, on-policy: the rollout batch is generated in `rlvr.rollout_chunks`
 row blocks, and while chunk k + 1 is sampled, chunk k's responses are decoded and scored by the verifier worker
@@ -34,8 +39,10 @@ from tulu_jax.data.sft import tokenize_prompt
 from tulu_jax.errors import DataError
 from tulu_jax.models.sampler import bucket_length, prepare_prompts
 from tulu_jax.rl.ppo_step import POLICY, VALUE, build_prepare_fn, build_select_rows
+from tulu_jax.rl.rewards import groups_with_spread_first, sequence_scores
 from tulu_jax.rl.rollout import Rollout, RolloutOutput, local_rows, place_process_rows, process_rows
 from tulu_jax.rl.verifiers.batch import score_batch
+from tulu_jax.stages.rlvr import rollout_prompts
 from tulu_jax.stages.training import StageSetup
 from tulu_jax.train import Checkpointer, MetricsWriter, shardings_of
 from tulu_jax.train.guard import SKIPPED_METRIC, NonfiniteCounter
@@ -43,6 +50,9 @@ from tulu_jax.train.loop import _SigtermFlag
 from tulu_jax.train.metrics import ProgressBar
 from tulu_jax.train.multi import MultiTrainState
 from tulu_jax.train.step import Step
+
+
+_MATRIX_FIELDS = ("tokens", "logprobs", "prompt_ids", "prompt_mask")  # [B, T] RolloutOutput fields (the rest: [B])
 
 
 @dataclasses.dataclass
@@ -112,7 +122,12 @@ class RLVRLoop:
         self.concatenate = jax.jit(lambda outs: jax.tree.map(lambda *parts: jnp.concatenate(parts), *outs),
                                    out_shardings=self.rollout.output_shardings)
         self.stops = stop_ids(setup.model_config, setup.tokenizer)
-        self.per_iteration = config.train.global_batch_size // self.rl.group_size
+        self.per_iteration = rollout_prompts(config)  # prompts sampled per iteration
+        self.trained_groups = config.train.global_batch_size // self.rl.group_size
+        fields = [self.rollout.batch_sharding if name in _MATRIX_FIELDS else self.rollout.row_sharding
+                  for name in (*(f.name for f in dataclasses.fields(RolloutOutput)), "scores")]
+        self.take_rows = jax.jit(lambda arrays, rows: tuple(jnp.take(x, rows, axis=0) for x in arrays),
+                                 in_shardings=(tuple(fields), self.rollout.replicated), out_shardings=tuple(fields))
         self.nonfinite: NonfiniteCounter | None = None  # set by `run`: stops after consecutive skipped updates
 
     # ------------------------------------------------------------------------------------------ one iteration
@@ -232,9 +247,28 @@ class RLVRLoop:
                 all_metrics.append(metrics)
         return state, all_metrics
 
+    def trained_rows(self, out: RolloutOutput, scores: jax.Array) -> tuple[RolloutOutput, jax.Array, dict[str, float]]:
+        """The rollout rows an iteration trains on: all of them, or (dynamic sampling) the `trained_groups` groups
+        whose sequence scores differ first; then also the metrics of every sampled row (module docstring)."""
+        if self.per_iteration == self.trained_groups:
+            return out, scores, {}
+        verifier, finished, lengths = (np.asarray(self.replicate(x)) for x in (scores, out.finished, out.lengths))
+        sequence = np.asarray(sequence_scores(verifier, finished, alpha=self.rl.alpha,
+                                              non_stop_penalty=self.rl.non_stop_penalty))
+        rows = groups_with_spread_first(sequence, self.rl.group_size, self.trained_groups)
+        spread = np.ptp(sequence.reshape(-1, self.rl.group_size), axis=1) > 0
+        names = [f.name for f in dataclasses.fields(RolloutOutput)]
+        *kept, scores = self.take_rows((*(getattr(out, n) for n in names), scores),
+                                       jax.device_put(rows, self.rollout.replicated))
+        metrics = {"score": float(sequence.mean()), "verifier": float(verifier.mean()),
+                   "non_stop_rate": float(1.0 - finished.mean()), "response_length": float(lengths.mean()),
+                   "sampled_groups_with_spread": float(spread.sum())}
+        return RolloutOutput(**dict(zip(names, kept))), scores, metrics
+
     def iteration(self, state: MultiTrainState, iteration: int) -> tuple[MultiTrainState, dict[str, float]]:
         """Generate, score, prepare, train; the iteration's metrics (step metrics averaged over its updates)."""
         out, _, scores, metrics = self.rollouts(state, iteration)
+        out, scores, sampled_metrics = self.trained_rows(out, scores)
         scored = time.perf_counter()
         models = {name: (m.params, m.model_state) for name, m in state.models.items()}
         batch, prepare_metrics = self.prepare(
@@ -249,6 +283,7 @@ class RLVRLoop:
         metrics.update({key: float((np.sum if key.endswith(SKIPPED_METRIC) else np.mean)([m[key] for m in host_steps]))
                         for key in host_steps[0]})
         metrics.update({key: float(value) for key, value in host_prepare.items()})
+        metrics.update(sampled_metrics)  # every sampled row's reward metrics, not just the trained rows'
         metrics.update(training_s=trained - scored, weight_sync_s=0.0, optimizer_steps=float(len(host_steps)))
         return state, metrics
 

@@ -61,7 +61,10 @@ class RLVRSection:
     samples per prompt (PPO: 1). ppo_epochs K and num_minibatches: passes over each rollout batch and the shuffled
     minibatches (optimizer steps) per pass. max_new_tokens: response length; temperature: of the rollouts.
     rollout_chunks: the rollout batch is generated in this many row blocks; overlap_scoring: chunk k is scored
-    while chunk k + 1 is generated (`tulu_jax.rl.loop`).
+    while chunk k + 1 is generated (`tulu_jax.rl.loop`). rollout_prompts (GRPO; DAPO's dynamic sampling): prompts
+    sampled per iteration, more than the train.global_batch_size / group_size groups an iteration trains on; the
+    trained groups are those whose scores differ first (a zero-variance group carries no GRPO signal), then the
+    rest (null: sample exactly the trained groups).
     value_init: policy (the policy's backbone and a fresh head) | reward_model (value_model_path, an RM export).
     """
 
@@ -82,6 +85,7 @@ class RLVRSection:
     temperature: float = 1.0
     rollout_chunks: int = 1
     overlap_scoring: bool = True
+    rollout_prompts: int | None = None
     value_init: Literal["policy", "reward_model"] = "policy"
     value_model_path: str | None = None
     value_lr: float | None = None
@@ -93,6 +97,8 @@ class RLVRSection:
         for key in ("kl_coef", "clip", "vf_clip", "vf_coef", "temperature"):
             if getattr(self, key) < 0:
                 raise ValueError(f"'rlvr.{key}' must be >= 0, got {getattr(self, key)}")
+        if self.rollout_prompts is not None and self.rollout_prompts < 1:
+            raise ValueError(f"'rlvr.rollout_prompts' must be >= 1, got {self.rollout_prompts}")
         if self.algorithm == "grpo" and self.group_size < 2:
             raise ValueError("'rlvr.group_size' must be >= 2 for grpo (advantages are relative to the group)")
         if self.value_init == "reward_model" and self.value_model_path is None:

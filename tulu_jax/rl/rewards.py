@@ -12,6 +12,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tulu_jax.losses.ppo import grpo_advantages, grpo_nonzero_variance
 from tulu_jax.losses.reward import last_token_index
@@ -89,3 +90,23 @@ def grpo_token_advantages(
         keep, dropped = jnp.ones_like(keep), jnp.zeros_like(dropped)
     loss_mask = mask.astype(bool) & keep[:, None]
     return jnp.where(loss_mask, advantages[:, None], 0.0), loss_mask, dropped
+
+
+def groups_with_spread_first(scores: np.ndarray, group_size: int, num_groups: int) -> np.ndarray:
+    """Row indices of `num_groups` of the rollout's groups: those whose scores differ first, then zero-variance ones,
+    each kind in rollout order (DAPO's dynamic sampling with a fixed oversampling: a zero-variance group has zero
+    GRPO advantage, so training on it spends compute on no signal).
+
+    Args:
+      scores: [N] host sequence scores, the G = group_size samples of each prompt consecutive.
+      num_groups: how many groups to keep (at most N / group_size).
+
+    Returns:
+      int32 [num_groups · group_size] row indices, each group's rows consecutive.
+    """
+    groups = np.asarray(scores).reshape(-1, group_size)
+    if num_groups > len(groups):
+        raise ValueError(f"cannot keep {num_groups} groups of a rollout with {len(groups)}")
+    spread = groups.max(axis=1) > groups.min(axis=1)
+    order = np.concatenate([np.flatnonzero(spread), np.flatnonzero(~spread)])[:num_groups]
+    return (order[:, None] * group_size + np.arange(group_size)).reshape(-1).astype(np.int32)

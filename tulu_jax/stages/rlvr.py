@@ -11,7 +11,9 @@ hidden size and vocabulary must match the policy's). The frozen reference is the
 An iteration (`tulu_jax.rl.loop`): rollouts at temperature 1 from the policy's own arrays (no weight copy, so the
 weight-sync time is 0 by construction), verifier scores in worker processes, the rollout → `RolloutBatch` program,
 then `rlvr.ppo_epochs` passes over `rlvr.num_minibatches` shuffled minibatches. `train.global_batch_size` counts
-rollout SEQUENCES per iteration (prompts × group_size); `train.epochs` passes over the prompts (capped by
+the rollout SEQUENCES trained per iteration (prompts × group_size; GRPO may sample more prompts,
+`rlvr.rollout_prompts`, and train on the groups whose scores differ first); `train.epochs` passes over the prompts
+sampled (capped by
 `train.max_steps` iterations). The final policy is exported to run_dir/hf (and the value model to run_dir/value_hf
 as a sequence-classification model).
 """
@@ -98,10 +100,27 @@ class RLVRConfig:
         if self.train.global_batch_size % self.rlvr.group_size:
             raise ValueError(f"'train.global_batch_size' {self.train.global_batch_size} must be a multiple of "
                              f"'rlvr.group_size' {self.rlvr.group_size}")
-        for key in ("num_minibatches", "rollout_chunks"):
-            if self.train.global_batch_size % getattr(self.rlvr, key):
-                raise ValueError(f"'train.global_batch_size' {self.train.global_batch_size} must be a multiple of "
-                                 f"'rlvr.{key}' {getattr(self.rlvr, key)}")
+        if self.train.global_batch_size % self.rlvr.num_minibatches:
+            raise ValueError(f"'train.global_batch_size' {self.train.global_batch_size} must be a multiple of "
+                             f"'rlvr.num_minibatches' {self.rlvr.num_minibatches}")
+        trained, sampled = self.train.global_batch_size // self.rlvr.group_size, rollout_prompts(self)
+        if sampled < trained or sampled > trained and self.rlvr.algorithm != "grpo":
+            raise ValueError(f"'rlvr.rollout_prompts' {sampled} must be at least the {trained} prompt groups an "
+                             "iteration trains on (train.global_batch_size / rlvr.group_size), and more only for "
+                             "grpo (it picks groups by their score spread)")
+        if rollout_rows(self) % self.rlvr.rollout_chunks:
+            raise ValueError(f"the {rollout_rows(self)} rollout sequences per iteration must be a multiple of "
+                             f"'rlvr.rollout_chunks' {self.rlvr.rollout_chunks}")
+
+
+def rollout_prompts(config: RLVRConfig) -> int:
+    """Prompts sampled per iteration: `rlvr.rollout_prompts`, else the train.global_batch_size / group_size trained."""
+    return config.rlvr.rollout_prompts or config.train.global_batch_size // config.rlvr.group_size
+
+
+def rollout_rows(config: RLVRConfig) -> int:
+    """Sequences sampled per iteration (prompts × group_size)."""
+    return rollout_prompts(config) * config.rlvr.group_size
 
 
 def optimizer_steps(config: RLVRConfig, iterations: int) -> int:
@@ -145,8 +164,7 @@ class RLVRStage(TrainingStage):
         from tulu_jax.rl.loop import load_prompts
 
         prompts = load_prompts(config, tokenizer)
-        per_iteration = config.train.global_batch_size // config.rlvr.group_size
-        iterations = math.ceil(config.train.epochs * len(prompts.rows) / per_iteration)
+        iterations = math.ceil(config.train.epochs * len(prompts.rows) / rollout_prompts(config))
         if config.train.max_steps is not None:
             iterations = min(iterations, config.train.max_steps)
         return StageData(prompts, optimizer_steps(config, iterations), {"data_report.json": prompts.report},
@@ -228,9 +246,9 @@ class RLVRStage(TrainingStage):
             raise ConfigError(
                 f"a minibatch of {minibatch_size(config)} sequences (train.global_batch_size / rlvr.num_minibatches) "
                 f"must be a multiple of grad_accum_steps {setup.grad_accum} × {shards} batch shards")
-        chunk = config.train.global_batch_size // config.rlvr.rollout_chunks
+        chunk = rollout_rows(config) // config.rlvr.rollout_chunks
         if chunk % shards:
-            raise ConfigError(f"a rollout chunk of {chunk} sequences (train.global_batch_size / rlvr.rollout_chunks) "
+            raise ConfigError(f"a rollout chunk of {chunk} sequences (rollout sequences / rlvr.rollout_chunks) "
                               f"must be a multiple of the {shards} batch shards")
         return build_ppo_step(self.optimizers(setup), config.rlvr, state_shardings=shardings_of(setup.state),
                               batch_shardings=self.batch_shardings(setup), frozen_shardings=shardings_of(setup.frozen),
@@ -240,10 +258,12 @@ class RLVRStage(TrainingStage):
         """The algorithm, the rollout batch, the minibatches and the models."""
         config, model, rl = setup.config, setup.model_config, setup.config.rlvr
         value = f"value model ({rl.value_init})" if rl.uses_value else "no value model"
+        sampled = (f" (of {rollout_rows(config)} sampled, groups with a score spread first)"
+                   if rollout_rows(config) > config.train.global_batch_size else "")
         return (
             f"rlvr {rl.algorithm} step (β={rl.kl_coef}, clip {rl.clip}, {value}, frozen reference): rollout batch "
-            f"{config.train.global_batch_size} sequences × ({config.data.max_seq_len} prompt + {rl.max_new_tokens} "
-            f"response) tokens, {rl.ppo_epochs} epochs × {rl.num_minibatches} minibatches of "
+            f"{config.train.global_batch_size} sequences{sampled} × ({config.data.max_seq_len} prompt + "
+            f"{rl.max_new_tokens} response) tokens, {rl.ppo_epochs} epochs × {rl.num_minibatches} minibatches of "
             f"{minibatch_size(config)}, {setup.grad_accum} micro-batches each; model {model.architecture} hidden "
             f"{model.hidden_size} × {model.num_layers} layers, params {model.param_dtype}, compute "
             f"{model.compute_dtype}; the rollout sampler (with its KV cache) and the rollout → batch program (reference, "
