@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tulu_jax.losses import last_token_index, last_token_values
-from tulu_jax.rl.rewards import grpo_token_advantages, sequence_scores, token_rewards
+from tulu_jax.rl.rewards import grpo_token_advantages, groups_with_spread_first, sequence_scores, token_rewards
 
 
 def test_sequence_scores_alpha_and_non_stop_penalty_replacing_the_score():
@@ -65,3 +65,17 @@ def test_grpo_token_advantages_needs_whole_groups(group_size):
 
     with pytest.raises(ConfigError, match="group_size"):
         grpo_token_advantages(jnp.zeros(6), jnp.ones((6, 2), bool), group_size)
+
+
+def test_groups_with_spread_first_keeps_informative_groups_in_rollout_order_then_fills():
+    scores = np.array([1, 1, 0, 0, 0, 0, 1, 0, 5, 5, -10, 0], np.float32)  # groups of 2: [1,1] [0,0] [0,0] [1,0] ...
+    informative, flat = [], []
+    for g in range(len(scores) // 2):
+        (informative if scores[2 * g] != scores[2 * g + 1] else flat).append(g)
+    assert informative == [3, 5] and flat == [0, 1, 2, 4]
+    for keep in (1, 2, 3, 6):
+        groups = (informative + flat)[:keep]
+        expected = [2 * g + i for g in groups for i in range(2)]
+        np.testing.assert_array_equal(groups_with_spread_first(scores, 2, keep), expected)
+    with pytest.raises(ValueError, match="cannot keep 7 groups"):
+        groups_with_spread_first(scores, 2, 7)

@@ -107,6 +107,52 @@ def test_scoring_overlapped_with_generation_gives_the_sequential_rollouts_and_sc
     assert {"generation_s", "scoring_s", "rollout_s", "accuracy/gsm8k", "verifier_timeouts"} <= set(metrics)
 
 
+def test_dynamic_sampling_trains_the_groups_whose_scores_differ_and_reports_every_sampled_row():
+    """With more prompt groups sampled than trained (`rlvr.rollout_prompts`), the iteration keeps the groups whose
+    sequence scores differ first, gathered from the rollout as they were sampled; the reward metrics cover every
+    sampled row. A synthetic 16-row rollout in groups of 4 through the loop's own programs."""
+    from tulu_jax.rl.rollout import RolloutOutput
+
+    loop, _ = loop_and_initial()
+    rng = np.random.default_rng(0)
+    host = RolloutOutput(tokens=rng.integers(0, 50, (16, 8)).astype(np.int32),
+                         logprobs=rng.normal(size=(16, 8)).astype(np.float32),
+                         lengths=rng.integers(1, 9, 16).astype(np.int32), finished=rng.random(16) < 0.8,
+                         prompt_ids=rng.integers(0, 50, (16, 4)).astype(np.int32), prompt_mask=np.ones((16, 4), bool))
+    verifier = np.array([1, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0, 1, 0, 1, 1], np.float32)
+    host.finished[:4] = True  # group 0: all verified and stopped, no spread; group 2 gets one only by a cut-off
+    host.finished[8:12] = [True, True, False, True]
+    out = jax.device_put(host, loop.rollout.output_shardings)
+    saved = loop.rl.group_size, loop.per_iteration, loop.trained_groups
+    try:
+        loop.rl.group_size, loop.per_iteration, loop.trained_groups = 4, 4, 3
+        kept, kept_scores, metrics = loop.trained_rows(out, jax.device_put(verifier, loop.rollout.row_sharding))
+    finally:
+        loop.rl.group_size, loop.per_iteration, loop.trained_groups = saved
+    rows = [*range(4, 8), *range(8, 12), *range(12, 16)]  # groups 1, 2, 3 have a spread; group 0 is left out
+    kept = jax.device_get(kept)
+    for name in ("tokens", "logprobs", "lengths", "finished", "prompt_ids", "prompt_mask"):
+        np.testing.assert_array_equal(getattr(kept, name), getattr(host, name)[rows])
+    np.testing.assert_array_equal(np.asarray(kept_scores), verifier[rows])
+    score = np.where(host.finished, 10.0 * verifier, -10.0)
+    assert metrics == pytest.approx({"score": score.mean(), "verifier": verifier.mean(),
+                                     "non_stop_rate": 1 - host.finished.mean(),
+                                     "response_length": host.lengths.mean(), "sampled_groups_with_spread": 3.0})
+
+
+GRPO_4 = ("rlvr.algorithm=grpo", "rlvr.group_size=4", "rlvr.num_minibatches=1")  # 2 prompt groups trained
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("rlvr.rollout_prompts=16",), "more only for grpo"),  # ppo has no groups to pick from
+    ((*GRPO_4, "rlvr.rollout_prompts=1"), "at least the 2 prompt groups"),
+    ((*GRPO_4, "rlvr.rollout_prompts=3", "rlvr.rollout_chunks=8"), "12 rollout sequences per iteration"),
+])
+def test_dynamic_sampling_settings_that_cannot_work_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config(*overrides)
+
+
 def read_metrics(run_dir):
     return {row["step"]: row for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 

@@ -52,9 +52,6 @@ from tulu_jax.train.multi import MultiTrainState
 from tulu_jax.train.step import Step
 
 
-_MATRIX_FIELDS = ("tokens", "logprobs", "prompt_ids", "prompt_mask")  # [B, T] RolloutOutput fields (the rest: [B])
-
-
 @dataclasses.dataclass
 class Prompts:
     """The validated RLVR rows, their prompt token ids (rendered with the generation prompt), and the counts."""
@@ -124,10 +121,9 @@ class RLVRLoop:
         self.stops = stop_ids(setup.model_config, setup.tokenizer)
         self.per_iteration = rollout_prompts(config)  # prompts sampled per iteration
         self.trained_groups = config.train.global_batch_size // self.rl.group_size
-        fields = [self.rollout.batch_sharding if name in _MATRIX_FIELDS else self.rollout.row_sharding
-                  for name in (*(f.name for f in dataclasses.fields(RolloutOutput)), "scores")]
-        self.take_rows = jax.jit(lambda arrays, rows: tuple(jnp.take(x, rows, axis=0) for x in arrays),
-                                 in_shardings=(tuple(fields), self.rollout.replicated), out_shardings=tuple(fields))
+        kept = (self.rollout.output_shardings, self.rollout.row_sharding)  # (rollout, scores)
+        self.take_rows = jax.jit(lambda arrays, rows: jax.tree.map(lambda x: jnp.take(x, rows, axis=0), arrays),
+                                 in_shardings=(kept, self.rollout.replicated), out_shardings=kept)
         self.nonfinite: NonfiniteCounter | None = None  # set by `run`: stops after consecutive skipped updates
 
     # ------------------------------------------------------------------------------------------ one iteration
@@ -247,7 +243,8 @@ class RLVRLoop:
                 all_metrics.append(metrics)
         return state, all_metrics
 
-    def trained_rows(self, out: RolloutOutput, scores: jax.Array) -> tuple[RolloutOutput, jax.Array, dict[str, float]]:
+    def trained_rows(self, out: RolloutOutput, scores: jax.Array
+                     ) -> tuple[RolloutOutput, jax.Array, dict[str, float]]:
         """The rollout rows an iteration trains on: all of them, or (dynamic sampling) the `trained_groups` groups
         whose sequence scores differ first; then also the metrics of every sampled row (module docstring)."""
         if self.per_iteration == self.trained_groups:
@@ -257,13 +254,11 @@ class RLVRLoop:
                                               non_stop_penalty=self.rl.non_stop_penalty))
         rows = groups_with_spread_first(sequence, self.rl.group_size, self.trained_groups)
         spread = np.ptp(sequence.reshape(-1, self.rl.group_size), axis=1) > 0
-        names = [f.name for f in dataclasses.fields(RolloutOutput)]
-        *kept, scores = self.take_rows((*(getattr(out, n) for n in names), scores),
-                                       jax.device_put(rows, self.rollout.replicated))
+        out, scores = self.take_rows((out, scores), jax.device_put(rows, self.rollout.replicated))
         metrics = {"score": float(sequence.mean()), "verifier": float(verifier.mean()),
                    "non_stop_rate": float(1.0 - finished.mean()), "response_length": float(lengths.mean()),
                    "sampled_groups_with_spread": float(spread.sum())}
-        return RolloutOutput(**dict(zip(names, kept))), scores, metrics
+        return out, scores, metrics
 
     def iteration(self, state: MultiTrainState, iteration: int) -> tuple[MultiTrainState, dict[str, float]]:
         """Generate, score, prepare, train; the iteration's metrics (step metrics averaged over its updates)."""
