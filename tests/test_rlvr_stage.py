@@ -107,6 +107,24 @@ def test_scoring_overlapped_with_generation_gives_the_sequential_rollouts_and_sc
     assert {"generation_s", "scoring_s", "rollout_s", "accuracy/gsm8k", "verifier_timeouts"} <= set(metrics)
 
 
+def test_the_recomputed_old_log_probs_are_the_samplers():
+    """The rollout → batch program's old log-probs (a full forward over prompt + response) equal the sampler's
+    log-probs of the same tokens (cached decoding) on every response position: the PPO ratio starts at exactly 1
+    and the update is the gradient of the distribution that was sampled."""
+    loop, _ = loop_and_initial()
+    state = fresh_state()
+    out, _, scores, _ = loop.rollouts(state, 0)
+    models = {name: (m.params, m.model_state) for name, m in state.models.items()}
+    batch, _ = loop.prepare(models, loop.setup.frozen, out.prompt_ids, out.prompt_mask, out.tokens, out.lengths,
+                            out.finished, scores)
+    width = out.prompt_ids.shape[1]
+    old, mask = np.asarray(batch.old_logps)[:, width:], np.asarray(batch.response_mask)[:, width:]
+    sampled = np.asarray(out.logprobs)
+    assert mask.sum() == np.asarray(out.lengths).sum() > 0
+    np.testing.assert_allclose(old[mask], sampled[mask], atol=1e-5)
+    assert (sampled[~mask] == 0).all()
+
+
 def test_dynamic_sampling_trains_the_groups_whose_scores_differ_and_reports_every_sampled_row():
     """With more prompt groups sampled than trained (`rlvr.rollout_prompts`), the iteration keeps the groups whose
     sequence scores differ first, gathered from the rollout as they were sampled; the reward metrics cover every

@@ -1,7 +1,7 @@
 """The RLVR programs (`tulu_jax.rl.ppo_step`) through the stage's own setup: the rollout → RolloutBatch program and
 the PPO step give the same batch, loss, metrics and update on the 8-device mesh (data × fsdp × tensor, with
-gradient accumulation) as on one device; the recomputed old log-probs equal the sampler's; the rollout of the loop
-reads the policy's arrays themselves, before and after an update."""
+gradient accumulation) as on one device; GRPO's group advantages; the per-member NaN guard. (The loop's rollouts,
+the sampler/old-log-prob agreement and the no-copy weight sync: tests/test_rlvr_stage.py.)"""
 
 from __future__ import annotations
 
