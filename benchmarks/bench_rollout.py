@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from standard import model_config  # noqa: E402
+from bench_model import model_config  # noqa: E402
 from workload import STANDARD  # noqa: E402
 
 SMALL = dataclasses.replace(STANDARD, vocab=8000, hidden=256, intermediate=768, layers=4)

@@ -76,6 +76,8 @@ def test_groups_with_spread_first_keeps_informative_groups_in_rollout_order_then
     for keep in (1, 2, 3, 6):
         groups = (informative + flat)[:keep]
         expected = [2 * g + i for g in groups for i in range(2)]
-        np.testing.assert_array_equal(groups_with_spread_first(scores, 2, keep), expected)
+        rows, with_spread = groups_with_spread_first(scores, 2, keep)
+        np.testing.assert_array_equal(rows, expected)
+        assert with_spread == len(informative)
     with pytest.raises(ValueError, match="cannot keep 7 groups"):
         groups_with_spread_first(scores, 2, 7)

@@ -249,15 +249,15 @@ class RLVRLoop:
         whose sequence scores differ first; then also the metrics of every sampled row (module docstring)."""
         if self.per_iteration == self.trained_groups:
             return out, scores, {}
-        verifier, finished, lengths = (np.asarray(self.replicate(x)) for x in (scores, out.finished, out.lengths))
+        verifier, finished, lengths = map(np.asarray, jax.device_get(
+            self.replicate((scores, out.finished, out.lengths))))  # [B] each: one transfer to every host
         sequence = np.asarray(sequence_scores(verifier, finished, alpha=self.rl.alpha,
                                               non_stop_penalty=self.rl.non_stop_penalty))
-        rows = groups_with_spread_first(sequence, self.rl.group_size, self.trained_groups)
-        spread = np.ptp(sequence.reshape(-1, self.rl.group_size), axis=1) > 0
+        rows, with_spread = groups_with_spread_first(sequence, self.rl.group_size, self.trained_groups)
         out, scores = self.take_rows((out, scores), jax.device_put(rows, self.rollout.replicated))
         metrics = {"score": float(sequence.mean()), "verifier": float(verifier.mean()),
                    "non_stop_rate": float(1.0 - finished.mean()), "response_length": float(lengths.mean()),
-                   "sampled_groups_with_spread": float(spread.sum())}
+                   "sampled_groups_with_spread": float(with_spread)}
         return out, scores, metrics
 
     def iteration(self, state: MultiTrainState, iteration: int) -> tuple[MultiTrainState, dict[str, float]]:

@@ -92,21 +92,24 @@ def grpo_token_advantages(
     return jnp.where(loss_mask, advantages[:, None], 0.0), loss_mask, dropped
 
 
-def groups_with_spread_first(scores: np.ndarray, group_size: int, num_groups: int) -> np.ndarray:
+def groups_with_spread_first(scores: np.ndarray, group_size: int, num_groups: int) -> tuple[np.ndarray, int]:
     """Row indices of `num_groups` of the rollout's groups: those whose scores differ first, then zero-variance ones,
     each kind in rollout order (DAPO's dynamic sampling with a fixed oversampling: a zero-variance group has zero
-    GRPO advantage, so training on it spends compute on no signal).
+    GRPO advantage, so training on it spends compute on no signal). "Differ" is `grpo_nonzero_variance`'s test, the
+    one that drops groups from the GRPO loss.
 
     Args:
       scores: [N] host sequence scores, the G = group_size samples of each prompt consecutive.
       num_groups: how many groups to keep (at most N / group_size).
 
     Returns:
-      int32 [num_groups · group_size] row indices, each group's rows consecutive.
+      (int32 [num_groups · group_size] row indices, each group's rows consecutive; the number of groups with a
+      spread among all N / group_size).
     """
-    groups = np.asarray(scores).reshape(-1, group_size)
-    if num_groups > len(groups):
-        raise ValueError(f"cannot keep {num_groups} groups of a rollout with {len(groups)}")
-    spread = groups.max(axis=1) > groups.min(axis=1)
+    keep, _ = grpo_nonzero_variance(jnp.asarray(scores), group_size)
+    spread = np.asarray(keep)[::group_size]
+    if num_groups > len(spread):
+        raise ValueError(f"cannot keep {num_groups} groups of a rollout with {len(spread)}")
     order = np.concatenate([np.flatnonzero(spread), np.flatnonzero(~spread)])[:num_groups]
-    return (order[:, None] * group_size + np.arange(group_size)).reshape(-1).astype(np.int32)
+    rows = (order[:, None] * group_size + np.arange(group_size)).reshape(-1).astype(np.int32)
+    return rows, int(spread.sum())
