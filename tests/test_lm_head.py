@@ -199,3 +199,52 @@ def test_sharded_token_logps_and_gradients_match_one_device_without_replicating_
     np.testing.assert_allclose(np.asarray(entropy), np.asarray(want_entropy), rtol=0, atol=1e-5)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
+
+
+def _grouped_rows(config: ModelConfig, rows: int, group: int, prompt: int, response: int, seed: int = 0):
+    """Rows in groups sharing a left-padded prompt, then responses of 1..response tokens (padding after)."""
+    rng = np.random.default_rng(seed)
+    prompt_len = np.repeat(rng.integers(2, prompt + 1, rows // group), group)
+    prompt_mask = np.arange(prompt)[None] >= (prompt - prompt_len)[:, None]
+    prompt_ids = np.repeat(rng.integers(1, config.vocab_size, (rows // group, prompt)), group, axis=0) * prompt_mask
+    lengths = rng.integers(1, response + 1, rows)
+    response_mask = np.arange(response)[None] < lengths[:, None]
+    response_ids = rng.integers(1, config.vocab_size, (rows, response)) * response_mask
+    tokens = jnp.asarray(np.concatenate([prompt_ids, response_ids], 1), jnp.int32)
+    segments = jnp.asarray(np.concatenate([prompt_mask, response_mask], 1), jnp.int32)
+    return tokens, jnp.maximum(jnp.cumsum(segments, 1) - 1, 0), segments, response_mask
+
+
+@pytest.mark.parametrize("overrides", [{}, {"layer_types": ("sliding_attention", "full_attention"),
+                                            "sliding_window": 5, "final_logit_softcap": 3.0}])
+def test_shared_prompt_logps_equal_the_whole_rows_in_value_and_gradient(overrides):
+    """GRPO's groups through `shared_prompt_token_logps` (each prompt once, responses attending to it) give the
+    log-probs, entropies and parameter gradients of `token_logps` over the whole rows on every response token."""
+    import dataclasses
+
+    config = dataclasses.replace(CONFIG, **overrides)
+    graphdef, params = nnx.split(Decoder(config, nnx.Rngs(0)))
+    prompt, response = 9, 6
+    tokens, positions, segments, mask = _grouped_rows(config, 8, 4, prompt, response)
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=mask.shape) * mask, jnp.float32)
+
+    def whole(p):
+        logps, ent = nnx.merge(graphdef, p).token_logps(tokens, jnp.pad(tokens[:, 1:], ((0, 0), (0, 1))),
+                                                        positions=positions, segment_ids=segments, entropy=True)
+        return logps[:, prompt - 1:-1], ent[:, prompt - 1:-1]
+
+    def shared(p):
+        return nnx.merge(graphdef, p).shared_prompt_token_logps(tokens, positions, segments, prompt_width=prompt,
+                                                                group_size=4, entropy=True)
+
+    (a, a_ent), (b, b_ent) = whole(params), shared(params)
+    np.testing.assert_allclose(np.asarray(b)[mask], np.asarray(a)[mask], atol=2e-6)
+    np.testing.assert_allclose(np.asarray(b_ent)[mask], np.asarray(a_ent)[mask], atol=2e-6)
+    grad_a = jax.grad(lambda p: jnp.sum(whole(p)[0] * weights))(params)
+    grad_b = jax.grad(lambda p: jnp.sum(shared(p)[0] * weights))(params)
+    for (path, x), (_, y) in zip(jax.tree_util.tree_flatten_with_path(grad_a)[0],
+                                 jax.tree_util.tree_flatten_with_path(grad_b)[0]):
+        np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    with pytest.raises(ValueError, match="groups of 3"):
+        nnx.merge(graphdef, params).shared_prompt_token_logps(tokens, positions, segments, prompt_width=prompt,
+                                                              group_size=3)

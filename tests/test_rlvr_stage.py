@@ -4,6 +4,7 @@ value model are exported for transformers, and bad rows / a mismatched value mod
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -107,22 +108,40 @@ def test_scoring_overlapped_with_generation_gives_the_sequential_rollouts_and_sc
     assert {"generation_s", "scoring_s", "rollout_s", "accuracy/gsm8k", "verifier_timeouts"} <= set(metrics)
 
 
-def test_the_recomputed_old_log_probs_are_the_samplers():
-    """The rollout → batch program's old log-probs (a full forward over prompt + response) equal the sampler's
-    log-probs of the same tokens (cached decoding) on every response position: the PPO ratio starts at exactly 1
-    and the update is the gradient of the distribution that was sampled."""
+def test_the_samplers_old_log_probs_equal_a_recomputing_forward_pass():
+    """The loop's rollout → batch program takes the old log-probs from the sampler (cached decoding, temperature 1);
+    the same program with `rlvr.reuse_sampler_logps: false` recomputes them with a full forward over prompt +
+    response. Every field of the two batches agrees (old log-probs to 1e-5 on every response position), so the
+    PPO ratio starts at 1 and the update is the gradient of the distribution that was sampled either way."""
+    from tulu_jax.rl.ppo_step import build_prepare_fn
+    from tulu_jax.train import shardings_of
+
     loop, _ = loop_and_initial()
+    assert loop.rl.old_logps_from_sampler
     state = fresh_state()
     out, _, scores, _ = loop.rollouts(state, 0)
     models = {name: (m.params, m.model_state) for name, m in state.models.items()}
-    batch, _ = loop.prepare(models, loop.setup.frozen, out.prompt_ids, out.prompt_mask, out.tokens, out.lengths,
-                            out.finished, scores)
+    shardings = shardings_of(state)
+    recompute = build_prepare_fn(
+        state.models[POLICY].graphdef, state.models[VALUE].graphdef,
+        dataclasses.replace(loop.rl, reuse_sampler_logps=False),
+        model_shardings={name: (s.params, s.model_state) for name, s in shardings.models.items()},
+        frozen_shardings=shardings_of(loop.setup.frozen), batch_sharding=loop.rollout.batch_sharding)
+    args = (models, loop.setup.frozen, out.prompt_ids, out.prompt_mask, out.tokens, out.lengths, out.finished,
+            scores, out.logprobs)
+    (reused, reused_metrics), (recomputed, recomputed_metrics) = jax.device_get((loop.prepare(*args),
+                                                                                recompute(*args)))
     width = out.prompt_ids.shape[1]
-    old, mask = np.asarray(batch.old_logps)[:, width:], np.asarray(batch.response_mask)[:, width:]
+    mask = reused.response_mask[:, width:]
     sampled = np.asarray(out.logprobs)
-    assert mask.sum() == np.asarray(out.lengths).sum() > 0
-    np.testing.assert_allclose(old[mask], sampled[mask], atol=1e-5)
-    assert (sampled[~mask] == 0).all()
+    assert mask.sum() == np.asarray(out.lengths).sum() > 0 and (sampled[~mask] == 0).all()
+    np.testing.assert_array_equal(reused.old_logps[:, width:][mask], sampled[mask])
+    np.testing.assert_allclose(recomputed.old_logps[:, width:][mask], sampled[mask], atol=1e-5)
+    for name in reused.__dataclass_fields__:
+        np.testing.assert_allclose(getattr(reused, name), getattr(recomputed, name), atol=1e-4, err_msg=name)
+    assert "entropy" in recomputed_metrics and "entropy" not in reused_metrics  # then the step's entropy is logged
+    for key in reused_metrics:
+        np.testing.assert_allclose(reused_metrics[key], recomputed_metrics[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
 def test_dynamic_sampling_trains_the_groups_whose_scores_differ_and_reports_every_sampled_row():

@@ -24,21 +24,25 @@ B, P, N = 8, 16, 8
 
 
 def config(*overrides: str) -> RLVRConfig:
+    # The rollouts here are synthetic, not sampled from the policy: the old log-probs are recomputed.
     return load_stage_config(RLVRConfig, "configs/tiny_rlvr.yaml", (
-        "optim.schedule=constant", "rlvr.max_new_tokens=8", f"output.run_dir={tempfile.mkdtemp()}", *overrides))
+        "optim.schedule=constant", "rlvr.max_new_tokens=8", "rlvr.reuse_sampler_logps=false",
+        f"output.run_dir={tempfile.mkdtemp()}", *overrides))
 
 
-def host_rollout(vocab: int) -> tuple[np.ndarray, ...]:
-    """A fixed rollout: left-padded prompts, responses of 1..N tokens, stop flags and verifier scores."""
+def host_rollout(vocab: int, rows: int = B, group: int = 1, width: int = N) -> tuple[np.ndarray, ...]:
+    """A fixed rollout: left-padded prompts (the same one for each `group` consecutive rows), responses of 1..N
+    tokens in `width` columns, stop flags, verifier scores and (unread) sampler log-probs."""
     rng = np.random.default_rng(0)
-    prompt_len = rng.integers(3, P + 1, B)
+    prompt_len = np.repeat(rng.integers(3, P + 1, rows // group), group)
     prompt_mask = np.arange(P)[None, :] >= (P - prompt_len)[:, None]
-    prompt_ids = np.where(prompt_mask, rng.integers(5, vocab, (B, P)), 0).astype(np.int32)
-    lengths = rng.integers(1, N + 1, B).astype(np.int32)
-    response = np.where(np.arange(N)[None, :] < lengths[:, None], rng.integers(5, vocab, (B, N)), 0).astype(np.int32)
-    finished = rng.random(B) < 0.7
-    scores = (rng.random(B) < 0.5).astype(np.float32)
-    return prompt_ids, prompt_mask, response, lengths, finished, scores
+    prompt_ids = np.where(prompt_mask, np.repeat(rng.integers(5, vocab, (rows // group, P)), group, 0), 0)
+    lengths = rng.integers(1, N + 1, rows).astype(np.int32)
+    response = np.where(np.arange(width)[None, :] < lengths[:, None], rng.integers(5, vocab, (rows, width)), 0)
+    finished = rng.random(rows) < 0.7
+    scores = (rng.random(rows) < 0.5).astype(np.float32)
+    return (prompt_ids.astype(np.int32), prompt_mask, response.astype(np.int32), lengths, finished, scores,
+            np.zeros((rows, width), np.float32))
 
 
 def prepare_and_step(sharding_file: str, *overrides: str):
@@ -91,7 +95,7 @@ def test_sharded_and_unsharded_ppo_give_the_same_batch_loss_and_update():
 def test_rollout_batch_follows_the_recipe():
     """Rewards, GAE and whitening of the prepared batch against a NumPy loop written from RECIPE.md."""
     (batch, prepared, _, _), _, _ = results()
-    prompt_ids, prompt_mask, response, lengths, finished, scores = host_rollout(384)
+    prompt_ids, prompt_mask, response, lengths, finished, scores, _ = host_rollout(384)
     mask = batch.response_mask
     assert mask.sum() == lengths.sum() and not mask[:, :P].any()
     kl = np.where(mask, batch.old_logps - batch.ref_logps, 0.0)
@@ -118,34 +122,63 @@ def test_rollout_batch_follows_the_recipe():
     assert (positions[np.arange(B), P + lengths - 1] == prompt_mask.sum(1) + lengths - 1).all()
 
 
-def test_grpo_group_advantages_drop_zero_variance_groups_and_train_without_a_value_model():
+GRPO_SCORES = np.array([1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 1, 0, 1, 1, 0, 1], np.float32)  # group 1: no variance
+
+
+@functools.cache
+def grpo_prepare_and_step(share_prompts: bool):
+    """GRPO (groups of 4, 16 rows) on the 8-device mesh with 2 micro-batches: the prepared batch, its metrics, one
+    step's metrics and the updated state, on host."""
     spec = load_sharding("sharding/cpu-8.yaml")
-    cfg = config("rlvr.algorithm=grpo", "rlvr.group_size=4", "rlvr.num_minibatches=1")
+    cfg = config("rlvr.algorithm=grpo", "rlvr.group_size=4", "rlvr.num_minibatches=1", "train.global_batch_size=16",
+                 "train.grad_accum_steps=2", f"rlvr.share_prompts={str(share_prompts).lower()}")
     setup = STAGE.setup(cfg, (spec, make_mesh(spec)))
-    assert set(setup.state.models) == {POLICY}
+    assert set(setup.state.models) == {POLICY} and cfg.rlvr.prompt_group == (4 if share_prompts else 1)
     shardings = shardings_of(setup.state)
     prepare = build_prepare_fn(
         setup.state.models[POLICY].graphdef, None, cfg.rlvr,
         model_shardings={POLICY: (shardings.models[POLICY].params, shardings.models[POLICY].model_state)},
         frozen_shardings=shardings_of(setup.frozen), batch_sharding=STAGE.batch_shardings(setup).tokens)
-    *rollout, _ = host_rollout(setup.model_config.vocab_size)
-    finished = np.ones(B, bool)
-    scores = np.array([1, 0, 0, 1, 1, 1, 1, 1], np.float32)  # group 2 has no variance: dropped
+    *rollout, _, logprobs = host_rollout(setup.model_config.vocab_size, rows=16, group=4,
+                                         width=cfg.rlvr.response_width)
     policy = setup.state.models[POLICY]
-    batch, prepared = prepare({POLICY: (policy.params, policy.model_state)}, setup.frozen, *rollout[:4], finished,
-                              scores)
-    host, host_prepared = jax.device_get((batch, prepared))
-    assert int(host_prepared["grpo_dropped_groups"]) == 1
-    lengths = rollout[3]
-    assert host.response_mask[4:].sum() == 0 and host.response_mask[:4].sum() == lengths[:4].sum()
-    group = 10.0 * scores[:4]
-    expected = (group - group.mean()) / (group.std() + 1e-8)
-    for b in range(4):
-        np.testing.assert_allclose(host.advantages[b][host.response_mask[b]], expected[b], rtol=1e-5)
+    batch, prepared = prepare({POLICY: (policy.params, policy.model_state)}, setup.frozen, *rollout[:4],
+                              np.ones(16, bool), GRPO_SCORES, logprobs)
     state, metrics = STAGE.build_step(setup)(setup.state, batch, setup.frozen)
-    metrics = jax.device_get(metrics)
+    return jax.device_get((batch, prepared, metrics, state.arrays())), rollout[3]
+
+
+def test_grpo_group_advantages_drop_zero_variance_groups_and_train_without_a_value_model():
+    (host, host_prepared, metrics, _), lengths = grpo_prepare_and_step(True)
+    assert int(host_prepared["grpo_dropped_groups"]) == 1
+    assert host.response_mask[4:8].sum() == 0 and host.response_mask.sum() == lengths.sum() - lengths[4:8].sum()
+    for g in (0, 2, 3):
+        group = 10.0 * GRPO_SCORES[4 * g:4 * g + 4]
+        expected = (group - group.mean()) / (group.std() + 1e-8)
+        for b in range(4):
+            np.testing.assert_allclose(host.advantages[4 * g + b][host.response_mask[4 * g + b]], expected[b],
+                                       rtol=1e-5)
     assert metrics["policy_grad_norm"] > 0 and "value_loss" not in metrics
     assert abs(metrics["kl"]) < 1e-6 and metrics["clipfrac"] == 0.0  # the reference is the initial policy
+
+
+def test_grpo_shared_prompts_give_the_whole_rows_batch_metrics_and_update():
+    """`rlvr.share_prompts` (each group's prompt forward once, in prepare and in the step's micro-batches) changes
+    only the cost: the same reference log-probs, advantages, metrics and parameter update as whole rows."""
+    (batch, prepared, metrics, state), _ = grpo_prepare_and_step(True)
+    (w_batch, w_prepared, w_metrics, w_state), _ = grpo_prepare_and_step(False)
+    mask = batch.response_mask
+    for name in batch.__dataclass_fields__:  # whole rows also fill the prompt slots: compare response tokens
+        np.testing.assert_allclose(getattr(batch, name)[mask], getattr(w_batch, name)[mask], rtol=1e-5, atol=1e-5,
+                                   err_msg=name)
+    assert set(prepared) == set(w_prepared) and set(metrics) == set(w_metrics)
+    for key in prepared:
+        np.testing.assert_allclose(prepared[key], w_prepared[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    for key in metrics:
+        np.testing.assert_allclose(metrics[key], w_metrics[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    for (path, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(state)[0],
+                                 jax.tree_util.tree_flatten_with_path(w_state)[0]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
 def test_a_poisoned_minibatch_leaves_each_poisoned_member_and_its_optimizer_unchanged():

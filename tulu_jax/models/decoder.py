@@ -199,6 +199,68 @@ class Decoder(nnx.Module):
                                    vocab_first=cfg.tie_word_embeddings, compute_dtype=cfg.compute_dtype,
                                    softcap=cfg.final_logit_softcap, entropy=entropy)
 
+    def shared_prompt_token_logps(self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array, *,
+                                  prompt_width: int, group_size: int,
+                                  entropy: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """`token_logps` of the response tokens of rows that share their prompt in consecutive groups (GRPO's G
+        samples of one prompt): float32 [B, N] log π(input_ids[:, P + j] | everything before), N = T − P (and the
+        entropies with `entropy`), the same numbers as `token_logps` over the whole rows.
+
+        `input_ids`, `positions`, `segment_ids` [B, T]: a left-padded prompt block of `prompt_width` P columns,
+        identical within each group of `group_size` consecutive rows, then the responses. The prompt runs once per
+        group and each response attends to its group's prompt keys/values, so a step costs B/G·P + B·N tokens
+        instead of B·(P + N); gradients reach the shared prompt from every response of its group.
+        """
+        cfg = self.config
+        b, t = input_ids.shape
+        g, p, n = group_size, prompt_width, t - prompt_width
+        if b % g or not 0 < p < t:
+            raise ValueError(f"shared prompts: {b} rows in groups of {g} with a {p}-column prompt in {t} columns")
+
+        def first_of_group(x: jax.Array) -> jax.Array:  # [B, P] → [B/G, P] (a reshape keeps the batch sharding)
+            return x[:, :p].reshape(b // g, g, p)[:, 0]
+
+        prompt_ids, prompt_positions, prompt_segments = map(first_of_group, (input_ids, positions, segment_ids))
+        response_segments = segment_ids[:, p:]
+        key_segments = jnp.concatenate([jnp.repeat(prompt_segments, g, axis=0), response_segments], axis=1)
+        # Rows P.. of the whole rows' segment_causal_mask: query j sits at slot P + j.
+        response_mask = ((jnp.arange(t)[None, :] <= p + jnp.arange(n)[:, None])[None]
+                         & (response_segments[:, :, None] == key_segments[:, None, :])
+                         & (key_segments != 0)[:, None, :])
+        prompt_inputs = LayerInputs.build(cfg, prompt_positions, segment_causal_mask(prompt_segments),
+                                          jnp.arange(p))
+        response_inputs = LayerInputs.build(cfg, positions[:, p:], response_mask, p + jnp.arange(n))
+
+        def body(carry: tuple[jax.Array, jax.Array], xs: tuple[dict[str, jax.Array], jax.Array]
+                 ) -> tuple[tuple[jax.Array, jax.Array], None]:
+            h_prompt, h_response = carry
+            weights, sliding = xs
+            prompt_layer, response_layer = prompt_inputs.at(sliding), response_inputs.at(sliding)
+            h_prompt, (k_prompt, v_prompt) = _block(cfg, weights, h_prompt, prompt_layer.cos, prompt_layer.sin,
+                                                    lambda q, k, v: (layer_attend(
+                                                        cfg, q, k, v, mask=prompt_layer.mask,
+                                                        segment_ids=prompt_segments, sliding=sliding), (k, v)))
+
+            def attend_after_prompt(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, None]:
+                keys = jnp.concatenate([jnp.repeat(k_prompt, g, axis=0), k], axis=1)
+                values = jnp.concatenate([jnp.repeat(v_prompt, g, axis=0), v], axis=1)
+                return attend(q, keys, values, response_layer.mask, softcap=cfg.attn_logit_softcap), None
+
+            h_response, _ = _block(cfg, weights, h_response, response_layer.cos, response_layer.sin,
+                                   attend_after_prompt)
+            return (h_prompt, h_response), None
+
+        (h_prompt, h_response), _ = jax.lax.scan(
+            _remat(cfg, body), (self._embed(prompt_ids), self._embed(input_ids[:, p:])),
+            (self.layers.stacked(), sliding_flags(cfg)))
+        # Response token j is predicted from the prompt's last position (j = 0) or response position j − 1.
+        predicting = jnp.concatenate([jnp.repeat(h_prompt[:, -1:], g, axis=0), h_response[:, :-1]], axis=1)
+        hidden = _norm(cfg, constrain(predicting, HIDDEN), self.final_norm[...].astype(cfg.compute_dtype))
+        weight = self.embed[...] if cfg.tie_word_embeddings else self.unembed[...]
+        return chunked_token_logps(hidden, weight, input_ids[:, p:], chunk_size=cfg.logits_chunk_size,
+                                   vocab_first=cfg.tie_word_embeddings, compute_dtype=cfg.compute_dtype,
+                                   softcap=cfg.final_logit_softcap, entropy=entropy)
+
     def hidden(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
         """Final-normed hidden states [B, T, H] in the compute dtype (same arguments as `__call__`)."""

@@ -230,12 +230,14 @@ class RLVRLoop:
         return self._concatenate(outs), indices, jax.device_put(scores, self.rollout.row_sharding), metrics
 
     def train(self, state: MultiTrainState, batch: Any, iteration: int) -> tuple[MultiTrainState, list[dict]]:
-        """`ppo_epochs` passes over `num_minibatches` shuffled minibatches of the rollout batch."""
-        size = batch.tokens.shape[0]
+        """`ppo_epochs` passes over `num_minibatches` shuffled minibatches of the rollout batch (whole groups of
+        `rlvr.prompt_group` rows where the forward passes share each group's prompt)."""
+        size, group = batch.tokens.shape[0], self.rl.prompt_group
         per_minibatch = size // self.rl.num_minibatches
         all_metrics = []
         for epoch in range(self.rl.ppo_epochs):
-            order = np.random.default_rng([self.setup.config.train.seed, iteration, epoch]).permutation(size)
+            groups = np.random.default_rng([self.setup.config.train.seed, iteration, epoch]).permutation(size // group)
+            order = (groups[:, None] * group + np.arange(group)).reshape(-1)
             for k in range(self.rl.num_minibatches):
                 rows = jax.device_put(order[k * per_minibatch:(k + 1) * per_minibatch].astype(np.int32),
                                       self.rollout.replicated)
@@ -267,7 +269,8 @@ class RLVRLoop:
         scored = time.perf_counter()
         models = {name: (m.params, m.model_state) for name, m in state.models.items()}
         batch, prepare_metrics = self.prepare(
-            models, self.setup.frozen, out.prompt_ids, out.prompt_mask, out.tokens, out.lengths, out.finished, scores)
+            models, self.setup.frozen, out.prompt_ids, out.prompt_mask, out.tokens, out.lengths, out.finished, scores,
+            out.logprobs)
         state, step_metrics = self.train(state, batch, iteration)
         host_steps, host_prepare = jax.device_get((step_metrics, prepare_metrics))
         trained = time.perf_counter()

@@ -1,12 +1,14 @@
 """The RLVR programs on the training mesh (RECIPE.md "RLVR"): what a rollout turns into (`build_prepare_fn`) and the
 PPO / GRPO train step over it (`build_ppo_step`).
 
-- `prepare(policy, value, frozen, prompt_ids, prompt_mask, response, lengths, finished, verifier_scores)`: one
-  jitted program that lays prompt + response out as a `RolloutBatch` [B, P + N] and computes, without gradients,
-  the policy's old log-probs, the frozen reference's log-probs (`frozen["reference"]`, a jit ARGUMENT), the value
-  model's values, the per-token rewards (α·verifier − the non-stop penalty at the last response token, −β·k1 KL on
-  every response token), GAE (γ, λ) and whitened advantages. GRPO instead: group advantages of the sequence scores,
-  zero-variance groups dropped (their tokens leave the loss mask) and counted, no value model.
+- `prepare(policy, value, frozen, prompt_ids, prompt_mask, response, lengths, finished, verifier_scores,
+  response_logps)`: one jitted program that lays prompt + response out as a `RolloutBatch` [B, P + N] and computes,
+  without gradients, the policy's old log-probs (the sampler's own `response_logps` at temperature 1, else a
+  forward pass; `RLVRSection.old_logps_from_sampler`), the frozen reference's log-probs (`frozen["reference"]`, a
+  jit ARGUMENT), the value model's values, the per-token rewards (α·verifier − the non-stop penalty at the last
+  response token, −β·k1 KL on every response token), GAE (γ, λ) and whitened advantages. GRPO instead: group
+  advantages of the sequence scores, zero-variance groups dropped (their tokens leave the loss mask) and counted,
+  no value model, and each group's prompt run once (`RLVRSection.share_prompts`).
 - `step(state, batch, frozen) -> (state, metrics)` on a `MultiTrainState` {"policy", "value"} (GRPO: {"policy"}):
   the clipped policy loss (GRPO: + β·k3 KL to `batch.ref_logps`) updates the policy with its optimizer, the
   clipped value loss × vf_coef updates the value model with its own; both token-normalized by the global number
@@ -30,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from tulu_jax.errors import ConfigError
 from tulu_jax.losses.common import masked_sum, safe_denominator
+from tulu_jax.models.sampler import bucket_length
 from tulu_jax.losses.ppo import (
     explained_variance,
     gae,
@@ -60,11 +63,17 @@ class RLVRSection:
     vf_coef: value-loss weight. whiten_advantages: PPO advantages whitened over the batch. group_size G: GRPO
     samples per prompt (PPO: 1). ppo_epochs K and num_minibatches: passes over each rollout batch and the shuffled
     minibatches (optimizer steps) per pass. max_new_tokens: response length; temperature: of the rollouts.
+    reuse_sampler_logps: at temperature 1 the old log-probs are the sampler's own (the same parameters; equal to a
+    forward pass over prompt + response within float32 rounding, tests/test_rlvr_stage.py), which saves the policy
+    forward of every rollout; false recomputes them like open-instruct, whose vLLM sampler differs numerically.
     rollout_chunks: the rollout batch is generated in this many row blocks; overlap_scoring: chunk k is scored
-    while chunk k + 1 is generated (`tulu_jax.rl.loop`). rollout_prompts (GRPO; DAPO's dynamic sampling): prompts
-    sampled per iteration, more than the train.global_batch_size / group_size groups an iteration trains on; the
-    trained groups are those whose scores differ first (a zero-variance group carries no GRPO signal), then the
-    rest (null: sample exactly the trained groups).
+    while chunk k + 1 is generated (`tulu_jax.rl.loop`). share_prompts (GRPO): the forward passes of prepare and
+    step run each group's prompt once and attend every response to it (`Decoder.shared_prompt_token_logps`; the
+    same log-probs, B/G·P + B·N tokens instead of B·(P + N)); minibatches and micro-batches are then whole groups.
+    rollout_prompts (GRPO; DAPO's dynamic sampling): prompts sampled per iteration, more than the
+    train.global_batch_size / group_size groups an iteration trains on; the trained groups are those whose scores
+    differ first (a zero-variance group carries no GRPO signal), then the rest (null: sample exactly the trained
+    groups).
     value_init: policy (the policy's backbone and a fresh head) | reward_model (value_model_path, an RM export).
     """
 
@@ -83,8 +92,10 @@ class RLVRSection:
     num_minibatches: int = 1
     max_new_tokens: int = 2048
     temperature: float = 1.0
+    reuse_sampler_logps: bool = True
     rollout_chunks: int = 1
     overlap_scoring: bool = True
+    share_prompts: bool = True
     rollout_prompts: int | None = None
     value_init: Literal["policy", "reward_model"] = "policy"
     value_model_path: str | None = None
@@ -105,6 +116,21 @@ class RLVRSection:
             raise ValueError("'rlvr.value_init: reward_model' needs 'rlvr.value_model_path' (an RM export)")
 
     @property
+    def old_logps_from_sampler(self) -> bool:
+        """Whether the old log-probs are the sampler's (at temperature 1 it samples π itself) or recomputed."""
+        return self.reuse_sampler_logps and self.temperature == 1.0
+
+    @property
+    def prompt_group(self) -> int:
+        """Rows per shared prompt in the training forward passes: group_size under GRPO's share_prompts, else 1."""
+        return self.group_size if self.algorithm == "grpo" and self.share_prompts else 1
+
+    @property
+    def response_width(self) -> int:
+        """Columns of the rollout's response block (the sampler's bucket of max_new_tokens)."""
+        return bucket_length(self.max_new_tokens)
+
+    @property
     def uses_value(self) -> bool:
         """Whether the algorithm trains a value model (PPO) or not (GRPO)."""
         return self.algorithm == "ppo"
@@ -115,9 +141,19 @@ def _shift(x: jax.Array) -> jax.Array:
     return jnp.pad(x[:, :-1], ((0, 0), (1, 0)))
 
 
-def policy_logps(model: nnx.Module, batch: RolloutBatch, *, entropy: bool = False) -> tuple[jax.Array, jax.Array]:
+def policy_logps(model: nnx.Module, batch: RolloutBatch, *, entropy: bool = False, prompt_group: int = 1,
+                 response_width: int = 0) -> tuple[jax.Array, jax.Array]:
     """(log π(tokens[t] | tokens[<t]) [B, T] float32, 0 in slot 0; per-token entropy of that distribution [B, T],
-    without gradient, or zeros unless `entropy`)."""
+    without gradient, or zeros unless `entropy`). With `prompt_group` > 1 the rows share their prompt in groups of
+    that many and only the last `response_width` slots are computed (`Decoder.shared_prompt_token_logps`), the
+    prompt's slots are 0."""
+    if prompt_group > 1:
+        width = batch.tokens.shape[1] - response_width
+        out = model.shared_prompt_token_logps(batch.tokens, batch.positions, batch.segment_ids, prompt_width=width,
+                                              group_size=prompt_group, entropy=entropy)
+        logps, ent = out if entropy else (out, jnp.zeros(out.shape, jnp.float32))
+        prompt_slots = ((0, 0), (width, 0))
+        return jnp.pad(logps, prompt_slots), jnp.pad(jax.lax.stop_gradient(ent), prompt_slots)
     # Position t predicts token t + 1 (the last position's target is a dummy, shifted out below); the decoder
     # computes it in sequence chunks, never holding the full float32 logits.
     targets = jnp.pad(batch.tokens[:, 1:], ((0, 0), (0, 1)))
@@ -161,31 +197,43 @@ def build_prepare_fn(
 
     `model_shardings[name]`: the (params, model_state) shardings of each trained model (the train state's own, so
     nothing is copied or resharded); call it as `prepare({"policy": (params, model_state), "value": ...}, frozen,
-    prompt_ids, prompt_mask, response, lengths, finished, verifier_scores)`.
+    prompt_ids, prompt_mask, response, lengths, finished, verifier_scores, response_logps)` (`response_logps`
+    [B, N]: the sampler's log-probs, read only when `rl.old_logps_from_sampler`).
     Metrics: score (the sequence score), verifier (mean verifier score), non_stop_rate, response_length, kl_to_ref
-    (Σ_t k1 per sequence, mean), entropy (per response token), explained_variance (PPO: old values vs returns),
-    grpo_dropped_groups (GRPO).
+    (Σ_t k1 per sequence, mean), entropy (per response token; only when the old log-probs are recomputed, else the
+    step's), explained_variance (PPO: old values vs returns), grpo_dropped_groups (GRPO).
     """
     if rl.uses_value and value_graphdef is None:
         raise ConfigError("ppo needs a value model")
     row = NamedSharding(batch_sharding.mesh, PartitionSpec(batch_sharding.spec[0]))
     replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
 
-    def prepare(models, frozen, prompt_ids, prompt_mask, response, lengths, finished, verifier_scores):
+    grouping = {"prompt_group": rl.prompt_group, "response_width": rl.response_width}
+
+    def prepare(models, frozen, prompt_ids, prompt_mask, response, lengths, finished, verifier_scores,
+                response_logps):
+        if rl.prompt_group > 1 and response.shape[1] != rl.response_width:
+            raise ValueError(f"shared prompts: the response block has {response.shape[1]} columns, the sampler's "
+                             f"bucket of rlvr.max_new_tokens={rl.max_new_tokens} is {rl.response_width}")
         tokens, positions, segment_ids, mask = rollout_layout(prompt_ids, prompt_mask, response, lengths)
         zeros = jnp.zeros(tokens.shape, jnp.float32)
         layout = RolloutBatch(tokens, positions, segment_ids, mask, *([zeros] * 6))
-        old, entropy = policy_logps(nnx.merge(policy_graphdef, *models[POLICY]), layout, entropy=True)
-        ref, _ = policy_logps(frozen[REFERENCE].model(), layout)
+        metrics = {}
+        if rl.old_logps_from_sampler:
+            old = jnp.concatenate([jnp.zeros(prompt_ids.shape, jnp.float32), response_logps.astype(jnp.float32)], 1)
+        else:
+            old, entropy = policy_logps(nnx.merge(policy_graphdef, *models[POLICY]), layout, entropy=True,
+                                        **grouping)
+            metrics["entropy"] = masked_sum(entropy, mask) / safe_denominator(jnp.sum(mask))
+        ref, _ = policy_logps(frozen[REFERENCE].model(), layout, **grouping)
         old, ref = jnp.where(mask, old, 0.0), jnp.where(mask, ref, 0.0)
         scores = sequence_scores(verifier_scores, finished, alpha=rl.alpha, non_stop_penalty=rl.non_stop_penalty)
         kl = jnp.where(mask, kl_estimate(old, ref, "k1"), 0.0)
         num_tokens = safe_denominator(jnp.sum(mask))
-        metrics = {
+        metrics.update({
             "score": _mean(scores), "verifier": _mean(verifier_scores), "non_stop_rate": 1.0 - _mean(finished),
             "response_length": _mean(lengths), "kl_to_ref": _mean(jnp.sum(kl, axis=1)),
-            "entropy": masked_sum(entropy, mask) / num_tokens,
-        }
+        })
         if rl.uses_value:
             values = jnp.where(mask, value_estimates(nnx.merge(value_graphdef, *models[VALUE]), layout), 0.0)
             rewards = token_rewards(scores, kl, mask, kl_coef=rl.kl_coef)
@@ -206,20 +254,30 @@ def build_prepare_fn(
     return jax.jit(
         prepare,
         in_shardings=(member_shardings, frozen_shardings, batch_sharding, batch_sharding, batch_sharding, row, row,
-                      row),
+                      row, batch_sharding),
         out_shardings=(RolloutBatch(*([batch_sharding] * len(RolloutBatch.__dataclass_fields__))), replicated),
     )
 
 
 def _accumulated_grads(loss_fn: Callable, params: nnx.State, batch: RolloutBatch, accum: int,
-                       batch_shardings: PyTree, param_shardings: PyTree) -> tuple[nnx.State, dict[str, jax.Array]]:
-    """Σ over `accum` strided micro-batches of (∇ loss, metrics) (float32); the losses share global denominators."""
+                       batch_shardings: PyTree, param_shardings: PyTree,
+                       group: int = 1) -> tuple[nnx.State, dict[str, jax.Array]]:
+    """Σ over `accum` strided micro-batches of (∇ loss, metrics) (float32); the losses share global denominators.
+    With `group` > 1 a micro-batch is whole groups of that many consecutive rows (strided over the groups)."""
     grad_fn = jax.grad(loss_fn, has_aux=True)
     if accum == 1:
         grads, metrics = grad_fn(params, batch)
         return jax.tree.map(lambda g: g.astype(jnp.float32), grads), metrics
 
+    def rows_of(x: jax.Array) -> jax.Array:  # [groups, G, ...] → [groups·G, ...]
+        return x.reshape(-1, *x.shape[2:])
+
+    if group > 1:
+        batch = jax.tree.map(lambda x: x.reshape(x.shape[0] // group, group, *x.shape[1:]), batch)
+
     def body(grad_sum, micro_batch):
+        if group > 1:
+            micro_batch = jax.tree.map(rows_of, micro_batch)
         grads, metrics = grad_fn(params, micro_batch)
         grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
         return jax.lax.with_sharding_constraint(grad_sum, param_shardings), metrics
@@ -257,7 +315,8 @@ def build_ppo_step(
 
         def policy_loss(params, mb):
             model = nnx.merge(policy_member.graphdef, params, policy_member.model_state)
-            logps, entropy = policy_logps(model, mb, entropy=True)
+            logps, entropy = policy_logps(model, mb, entropy=True, prompt_group=rl.prompt_group,
+                                          response_width=rl.response_width)
             if rl.algorithm == "grpo":
                 loss, m = grpo_policy_loss(logps, mb.old_logps, mb.ref_logps, mb.advantages, mb.response_mask,
                                            clip=rl.clip, kl_coef=rl.kl_coef, num_tokens=num_tokens)
@@ -270,7 +329,7 @@ def build_ppo_step(
             return loss, m
 
         grads, metrics = _accumulated_grads(policy_loss, policy_member.params, batch, grad_accum_steps,
-                                            batch_shardings, state_shardings.models[POLICY].params)
+                                            batch_shardings, state_shardings.models[POLICY].params, rl.prompt_group)
         models = dict(state.models)
         updated, metrics["policy_grad_norm"] = apply_gradients(policy_member, grads, optimizers[POLICY])
         models[POLICY], skipped = guard_nonfinite(policy_member, updated, metrics["policy_loss"],

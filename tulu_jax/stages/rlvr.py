@@ -103,6 +103,11 @@ class RLVRConfig:
         if self.train.global_batch_size % self.rlvr.num_minibatches:
             raise ValueError(f"'train.global_batch_size' {self.train.global_batch_size} must be a multiple of "
                              f"'rlvr.num_minibatches' {self.rlvr.num_minibatches}")
+        minibatch = self.train.global_batch_size // self.rlvr.num_minibatches
+        if minibatch % self.rlvr.prompt_group:
+            raise ValueError(f"'rlvr.share_prompts': a minibatch of {minibatch} "
+                             f"sequences (train.global_batch_size / rlvr.num_minibatches) must be whole groups of "
+                             f"'rlvr.group_size' {self.rlvr.group_size} (or set rlvr.share_prompts: false)")
         trained, sampled = self.train.global_batch_size // self.rlvr.group_size, rollout_prompts(self)
         if sampled < trained or sampled > trained and self.rlvr.algorithm != "grpo":
             raise ValueError(f"'rlvr.rollout_prompts' {sampled} must be at least the {trained} prompt groups an "
@@ -231,7 +236,7 @@ class RLVRStage(TrainingStage):
         import numpy as np
 
         config = setup.config
-        rows, length = minibatch_size(config), config.data.max_seq_len + config.rlvr.max_new_tokens
+        rows, length = minibatch_size(config), config.data.max_seq_len + config.rlvr.response_width
         shardings = self.batch_shardings(setup)
         dtypes = dict(tokens=np.int32, positions=np.int32, segment_ids=np.int32, response_mask=np.bool_)
         return RolloutBatch(**{name: jax.ShapeDtypeStruct((rows, length), np.dtype(dtypes.get(name, np.float32)),
@@ -246,6 +251,10 @@ class RLVRStage(TrainingStage):
             raise ConfigError(
                 f"a minibatch of {minibatch_size(config)} sequences (train.global_batch_size / rlvr.num_minibatches) "
                 f"must be a multiple of grad_accum_steps {setup.grad_accum} × {shards} batch shards")
+        if minibatch_size(config) % (setup.grad_accum * config.rlvr.prompt_group):
+            raise ConfigError(
+                f"'rlvr.share_prompts': a micro-batch of {minibatch_size(config) // setup.grad_accum} sequences "
+                f"(minibatch / grad_accum_steps) must be whole groups of 'rlvr.group_size' {config.rlvr.group_size}")
         chunk = rollout_rows(config) // config.rlvr.rollout_chunks
         if chunk % shards:
             raise ConfigError(f"a rollout chunk of {chunk} sequences (rollout sequences / rlvr.rollout_chunks) "
@@ -260,14 +269,15 @@ class RLVRStage(TrainingStage):
         value = f"value model ({rl.value_init})" if rl.uses_value else "no value model"
         sampled = (f" (of {rollout_rows(config)} sampled, groups with a score spread first)"
                    if rollout_rows(config) > config.train.global_batch_size else "")
+        shared = f" (each prompt run once for its {rl.prompt_group} responses)" if rl.prompt_group > 1 else ""
         return (
             f"rlvr {rl.algorithm} step (β={rl.kl_coef}, clip {rl.clip}, {value}, frozen reference): rollout batch "
             f"{config.train.global_batch_size} sequences{sampled} × ({config.data.max_seq_len} prompt + "
-            f"{rl.max_new_tokens} response) tokens, {rl.ppo_epochs} epochs × {rl.num_minibatches} minibatches of "
+            f"{rl.max_new_tokens} response) tokens{shared}, {rl.ppo_epochs} epochs × {rl.num_minibatches} minibatches of "
             f"{minibatch_size(config)}, {setup.grad_accum} micro-batches each; model {model.architecture} hidden "
             f"{model.hidden_size} × {model.num_layers} layers, params {model.param_dtype}, compute "
-            f"{model.compute_dtype}; the rollout sampler (with its KV cache) and the rollout → batch program (reference, "
-            "old log-probs, values) are separate programs, not in this step"
+            f"{model.compute_dtype}; the rollout sampler (with its KV cache) and the rollout → batch program "
+            "(reference, old log-probs, values) are separate programs, not in this step"
         )
 
     def run(self, config: RLVRConfig, sharding: Any, *, devices: Any = None) -> MultiTrainState:
