@@ -32,7 +32,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from tulu_jax.errors import ConfigError
 from tulu_jax.losses.common import masked_sum, safe_denominator
-from tulu_jax.models.sampler import bucket_length
 from tulu_jax.losses.ppo import (
     explained_variance,
     gae,
@@ -127,8 +126,8 @@ class RLVRSection:
 
     @property
     def response_width(self) -> int:
-        """Columns of the rollout's response block (the sampler's bucket of max_new_tokens)."""
-        return bucket_length(self.max_new_tokens)
+        """Columns of the rollout's response block (`tulu_jax.rl.rollout.Rollout` returns max_new_tokens)."""
+        return self.max_new_tokens
 
     @property
     def uses_value(self) -> bool:
@@ -213,8 +212,8 @@ def build_prepare_fn(
     def prepare(models, frozen, prompt_ids, prompt_mask, response, lengths, finished, verifier_scores,
                 response_logps):
         if rl.prompt_group > 1 and response.shape[1] != rl.response_width:
-            raise ValueError(f"shared prompts: the response block has {response.shape[1]} columns, the sampler's "
-                             f"bucket of rlvr.max_new_tokens={rl.max_new_tokens} is {rl.response_width}")
+            raise ValueError(f"shared prompts: the response block has {response.shape[1]} columns, not "
+                             f"rlvr.max_new_tokens={rl.max_new_tokens}")
         tokens, positions, segment_ids, mask = rollout_layout(prompt_ids, prompt_mask, response, lengths)
         zeros = jnp.zeros(tokens.shape, jnp.float32)
         layout = RolloutBatch(tokens, positions, segment_ids, mask, *([zeros] * 6))
