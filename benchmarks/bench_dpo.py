@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import time
 from typing import Any
@@ -38,6 +37,7 @@ from bench_model import (  # noqa: E402  (the measuring helpers)
     model_config,
     peak_rss_gib,
     publish,
+    subprocess_json,
 )
 from workload import QUICK, STANDARD, Workload  # noqa: E402
 
@@ -151,14 +151,6 @@ def run_side(side: str, w: Workload, warmup: int, repeats: int) -> dict[str, Any
     return out
 
 
-def subprocess_json(args: list[str]) -> dict[str, Any]:
-    """Run this script with `args` in a fresh process; its last stdout line is the JSON result."""
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False)
-    if proc.returncode:
-        raise RuntimeError(f"bench_dpo.py {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def table(w: Workload, results: dict[str, dict[str, Any]]) -> str:
     """A Markdown table of the four measurements."""
     seq = w.dpo_prompt + w.dpo_response
@@ -210,7 +202,7 @@ def main() -> None:
     w_args = ["--warmup", str(args.warmup), "--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
     results = {}
     for side in SIDES:
-        results[side] = subprocess_json(["--side", side, *w_args])
+        results[side] = subprocess_json(__file__, ["--side", side, *w_args])
         print(side, json.dumps(results[side]), flush=True)
     publish("DPO step, ", table(w, results), quick=args.quick, append=args.append)
 

@@ -59,6 +59,16 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def subprocess_json(script: str, args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run the benchmark `script` with `args` in a fresh process (its own peak RSS, its own XLA flags); its last
+    stdout line is the JSON result."""
+    proc = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        name = pathlib.Path(script).name
+        raise RuntimeError(f"{name} {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 # ------------------------------------------------------------------------------------------------ machine figures
 def matmul_jax_gflops(n: int, warmup: int, repeats: int) -> float:
     """float32 n×n @ n×n through XLA (jitted), GFLOP/s."""
@@ -207,10 +217,11 @@ def bench_hf_generate(model, w: Workload, warmup: int, repeats: int) -> dict[str
 
 
 # ---------------------------------------------------------------------------------------------------- reporting
-def publish(kind: str, text: str, *, quick: bool, append: bool, sweep: bool = False) -> None:
+def publish(kind: str, text: str, *, quick: bool, append: bool, sweep: bool = False,
+            workload: str = "standard") -> None:
     """Print a dated report (versions, CPUs, `text`) and append it to RESULTS.md unless it is a quick run."""
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    title = f"## {stamp} — {kind}{'quick' if quick else 'standard'} workload{' sweep' if sweep else ''}"
+    title = f"## {stamp} — {kind}{'quick' if quick else workload} workload{' sweep' if sweep else ''}"
     report = f"{title}\n\n{versions()}; {os.cpu_count()} CPUs\n\n{text}"
     print(report)
     if append or not quick:

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import time
 from typing import Any
@@ -38,6 +37,7 @@ from bench_model import (  # noqa: E402  (the measuring helpers)
     model_config,
     peak_rss_gib,
     publish,
+    subprocess_json,
 )
 from workload import QUICK, STANDARD, Workload  # noqa: E402
 
@@ -145,14 +145,6 @@ def bench_torch(w: Workload, warmup: int, repeats: int) -> dict[str, Any]:
     return out
 
 
-def subprocess_json(args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run this script with `args` in a fresh process; its last stdout line is the JSON result."""
-    proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, check=False)
-    if proc.returncode:
-        raise RuntimeError(f"bench_sft.py {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def table(w: Workload, jax_r: dict[str, Any], torch_r: dict[str, Any], flags: str) -> str:
     tokens = w.sft_batch * w.sft_seq
     flops = w.sft_step_flops()
@@ -192,7 +184,7 @@ def sweep(args: argparse.Namespace, w_args: list[str]) -> str:
     for name, flags in SWEEP_FLAGS.items():
         env = dict(os.environ, XLA_FLAGS=flags)
         try:
-            r = subprocess_json(["--side", "jax", "--kinds", "padded", *w_args], env)
+            r = subprocess_json(__file__, ["--side", "jax", "--kinds", "padded", *w_args], env)
         except RuntimeError as e:
             lines.append(f"| {name}: `{flags}` | failed: {str(e).splitlines()[-1][:100]} | | | |")
             continue
@@ -226,8 +218,8 @@ def main() -> None:
         text = "tulu-jax SFT step under XLA flag sets\n\n" + sweep(args, w_args)
     else:
         # Each side in its own process (its own peak memory); PyTorch first, then tulu-jax.
-        torch_r = subprocess_json(["--side", "torch", *w_args])
-        jax_r = subprocess_json(["--side", "jax", *w_args])
+        torch_r = subprocess_json(__file__, ["--side", "torch", *w_args])
+        jax_r = subprocess_json(__file__, ["--side", "jax", *w_args])
         text = table(w, jax_r, torch_r, os.environ.get("XLA_FLAGS", ""))
 
     publish("SFT step, ", text, quick=args.quick, append=args.append, sweep=args.sweep)
