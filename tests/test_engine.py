@@ -9,7 +9,7 @@ from flax import nnx
 from tulu_jax.models import Decoder, ModelConfig, sampler
 from tulu_jax.rl.engine import RolloutEngine
 
-VOCAB, NEW, PAD = 128, 20, 0
+VOCAB, NEW, PAD = 128, 40, 0  # NEW > 16: decode windows of 16, 32 and 40 response slots
 LENGTHS = (5, 20, 3, 33, 9, 12, 7)
 
 

@@ -339,16 +339,19 @@ class Decoder(nnx.Module):
         return self.lm_head(h), cache
 
     def decode_rows(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, key_mask: jax.Array,
-                    write_slots: jax.Array) -> tuple[jax.Array, KVCache]:
+                    write_slots: jax.Array, *, window: int | None = None) -> tuple[jax.Array, KVCache]:
         """One decode step where every row has its own cache slot (continuous batching, `tulu_jax.rl.engine`):
         token [B] at RoPE position positions [B] is written at cache slot write_slots[b] of row b, then attends to
         the slots j with key_mask[b, j] (bool [B, S]; the caller sets the written slot, and no slot after it, true).
+        `window`: attend over slots [0, window) only, reading that much of the cache (a decode step reads the whole
+        attended cache, so the caller passes a bound on the live rows' used slots, e.g. `tulu_jax.rl.engine`).
         Returns float32 logits [B, V] and the cache (its `index` untouched). No sliding-window layers."""
         cfg = self.config
         if any(cfg.sliding_layers):
             raise ValueError("decode_rows does not support sliding-window layers (per-row windows are not built)")
         rows = jnp.arange(tokens.shape[0])
-        inputs = LayerInputs.build(cfg, positions[:, None], key_mask[:, None, :], jnp.zeros((1,), jnp.int32))
+        width = cache.k.shape[2] if window is None else window
+        inputs = LayerInputs.build(cfg, positions[:, None], key_mask[:, None, :width], jnp.zeros((1,), jnp.int32))
 
         def body(carry: tuple[jax.Array, jax.Array, jax.Array],
                  xs: tuple[dict[str, jax.Array], jax.Array]) -> tuple[tuple[jax.Array, jax.Array, jax.Array], None]:
@@ -359,8 +362,8 @@ class Decoder(nnx.Module):
                 # Scatter each row's new key/value into its own slot of the carried cache (updated in place).
                 k_new = k_all.at[layer, rows, write_slots].set(k[:, 0].astype(k_all.dtype))
                 v_new = v_all.at[layer, rows, write_slots].set(v[:, 0].astype(v_all.dtype))
-                keys = jax.lax.dynamic_index_in_dim(k_new, layer, keepdims=False)
-                values = jax.lax.dynamic_index_in_dim(v_new, layer, keepdims=False)
+                keys = jax.lax.dynamic_index_in_dim(k_new, layer, keepdims=False)[:, :width]
+                values = jax.lax.dynamic_index_in_dim(v_new, layer, keepdims=False)[:, :width]
                 return attend(q, keys, values, inputs.full.mask, softcap=cfg.attn_logit_softcap), (k_new, v_new)
 
             h, (k_all, v_all) = _block(cfg, p, h, inputs.full.cos, inputs.full.sin, attend_rows)

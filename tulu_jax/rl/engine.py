@@ -9,11 +9,13 @@ generated token's key/value at prompt_width + t. Two jitted programs do all the 
   of the batch: prompt-length buckets), copies each prefilled prompt's keys/values into the G slots of its
   group (shared prompt KV), resets those slots' key masks and outputs, and samples their first tokens;
 - `decode`: up to `refill_every` decode steps (`Decoder.decode_rows`: each row writes its own cache slot) in a
-  while loop that exits early once every slot is done.
+  while loop that exits early once every slot is done. A decode step reads every cache slot it attends to, so it
+  attends only to the window the live rows can use until the next refill point: the prompt block plus a
+  power-of-two bucket of (the longest live response + refill_every), compiled once per window.
 
 The host loop only runs at refill points: it reads the done flags, copies finished rows out, and admits the
-next groups into the free slots. Programs compile once per (refill batch bucket, prompt bucket) and once for
-`decode`.
+next groups into the free slots. Programs compile once per (refill batch bucket, prompt bucket) and once per
+decode window.
 
 Keys: sequence r (prompt i, group member j; r = i·G + j) samples its t-th token with
 `fold_in(fold_in(rng, r), t)` on its own logits, so its tokens equal those of the static sampler run on that
@@ -112,7 +114,7 @@ class RolloutEngine:
         self.max_new, self.refill_every = max_new_tokens, refill_every
         self.settings = SamplingSettings(float(temperature), float(top_p), int(top_k), bool(logprobs))
         self._admit = jax.jit(self._admit_fn, donate_argnums=1)
-        self._decode = jax.jit(self._decode_fn, donate_argnums=1)
+        self._decode = jax.jit(self._decode_fn, donate_argnums=1, static_argnames="window")
 
     # ------------------------------------------------------------------------------------------- device programs
     def empty_state(self, rng: jax.Array) -> SlotState:
@@ -121,7 +123,8 @@ class RolloutEngine:
         shape = (cfg.num_layers, b, self.prompt_width + n, cfg.num_kv_heads, cfg.head_dim)
         vec = functools.partial(jnp.zeros, (b,), jnp.int32)  # distinct buffers: the state is donated
         return SlotState(k=jnp.zeros(shape, cfg.compute_dtype), v=jnp.zeros(shape, cfg.compute_dtype),
-                         key_mask=jnp.zeros((b, shape[2]), bool), token=vec(), prompt_len=vec(), t=vec(), done=jnp.ones((b,), bool), finished=jnp.zeros((b,), bool),
+                         key_mask=jnp.zeros((b, shape[2]), bool), token=vec(), prompt_len=vec(), t=vec(),
+                         done=jnp.ones((b,), bool), finished=jnp.zeros((b,), bool),
                          keys=jax.random.split(rng, b), tokens=jnp.zeros((b, n), jnp.int32),
                          logprobs=jnp.zeros((b, n), jnp.float32))
 
@@ -155,9 +158,10 @@ class RolloutEngine:
         token, logprob = _sample_rows(reset.keys, reset.t, jnp.take(logits[:, -1], row, axis=0), self.settings)
         return _record(reset, token, logprob, take, stop_ids, pad_id, self.max_new)
 
-    def _decode_fn(self, states: tuple[nnx.State, ...], s: SlotState, stop_ids: jax.Array,
-                   pad_id: jax.Array) -> tuple[SlotState, jax.Array]:
-        """Up to refill_every decode steps over all slots (stops early when every slot is done)."""
+    def _decode_fn(self, states: tuple[nnx.State, ...], s: SlotState, stop_ids: jax.Array, pad_id: jax.Array, *,
+                   window: int) -> tuple[SlotState, jax.Array]:
+        """Up to refill_every decode steps over all slots (stops early when every slot is done), attending to cache
+        slots [0, window): every live row's prompt and the responses' slots it writes in these steps."""
         model = nnx.merge(self.graphdef, *states)
         rows = jnp.arange(self.slots)
 
@@ -168,7 +172,7 @@ class RolloutEngine:
             slot = self.prompt_width + jnp.maximum(s.t - 1, 0)
             key_mask = s.key_mask.at[rows, slot].set(s.key_mask[rows, slot] | live)
             logits, cache = model.decode_rows(s.token, s.prompt_len + s.t - 1, KVCache(s.k, s.v, jnp.int32(0)),
-                                              key_mask, slot)
+                                              key_mask, slot, window=window)
             token, logprob = _sample_rows(s.keys, s.t, logits, self.settings)
             s = s.replace(k=cache.k, v=cache.v, key_mask=key_mask)
             return i + 1, _record(s, token, logprob, live, stop_ids, pad_id, self.max_new)
@@ -203,14 +207,16 @@ class RolloutEngine:
         s = self.empty_state(rng)
         pending = collections.deque(range(len(rows)))
         owner = np.full((self.slots,), -1)  # sequence id held by each slot
+        t = np.zeros((self.slots,), np.int32)  # tokens generated per slot, as of the last decode call
         refills = steps = 0
         while pending or (owner >= 0).any():
             free = np.flatnonzero(owner < 0)
             if pending and len(free) >= g:
                 s = self._admit_groups(states, s, rows, pending, free, owner, rng, g, stops_d, pad_d, pad)
+                t[free[owner[free] >= 0]] = 1  # admitted: the first token is sampled
                 refills += 1
-            s, ran = self._decode(states, s, stops_d, pad_d)
-            done, t = jax.device_get((s.done, s.t))
+            s, ran = self._decode(states, s, stops_d, pad_d, window=self.decode_window(t, owner >= 0))
+            done, t = map(np.array, jax.device_get((s.done, s.t)))  # writable host copies
             steps += int(ran)
             finished_slots = np.flatnonzero(done & (owner >= 0))
             if finished_slots.size:
@@ -221,6 +227,12 @@ class RolloutEngine:
                     out_logprobs[r, :t[b]] = logprobs[b, :t[b]]
                     out_lengths[r], out_finished[r], owner[b] = t[b], fin[b], -1
         return EngineOutput(out_tokens, out_logprobs, out_lengths, out_finished, refills, steps)
+
+    def decode_window(self, t: np.ndarray, live: np.ndarray) -> int:
+        """Cache slots the next decode call must attend to: the prompt block and, rounded up to a power of two,
+        the longest live response after refill_every more tokens."""
+        longest = max(1, int(t[live].max(initial=0))) + self.refill_every
+        return self.prompt_width + min(self.max_new, bucket_length(longest))
 
     def _admit_groups(self, states: tuple[nnx.State, ...], s: SlotState, rows: list[np.ndarray],
                       pending: collections.deque, free: np.ndarray, owner: np.ndarray, rng: jax.Array, g: int,
