@@ -122,30 +122,21 @@ def run_variant(variant: str, shape: RolloutShape, warmup: int, repeats: int) ->
     """Prepare and step of one variant in this process: median seconds, peak RSS, the XLA matmul rate."""
     import jax
 
-    from tulu_jax.rl.ppo_step import POLICY, build_prepare_fn
+    from tulu_jax.rl.ppo_step import POLICY
     from tulu_jax.stages.rlvr import STAGE, RLVRConfig
     from tulu_jax.stages.sections import load_stage_config
-    from tulu_jax.train import shardings_of
 
     os.chdir(REPO)  # the config's tokenizer and data paths are the repository's
     out: dict[str, Any] = {"load_before": os.getloadavg()[0]}
     config = load_stage_config(RLVRConfig, "configs/tiny_rlvr.yaml",
                                config_overrides(shape, variant, tempfile.mkdtemp()))
     setup = STAGE.setup(config, "sharding/cpu-1.yaml")
-    shardings = shardings_of(setup.state)
     policy = setup.state.models[POLICY]
-
-    def prepare_fn(rl: Any) -> Any:
-        return build_prepare_fn(
-            policy.graphdef, None, rl,
-            model_shardings={POLICY: (shardings.models[POLICY].params, shardings.models[POLICY].model_state)},
-            frozen_shardings=shardings_of(setup.frozen), batch_sharding=STAGE.batch_shardings(setup).tokens)
-
-    prepare, step = prepare_fn(config.rlvr), STAGE.build_step(setup)
+    prepare, step = STAGE.build_prepare(setup), STAGE.build_step(setup)
     *args, _ = rollout(shape, setup.model_config.vocab_size)
     # The "sampler's" log-probs are the policy's own (a recomputing prepare, untimed), as a real rollout's are:
     # every variant then trains on the same batch and reports the same loss.
-    recompute = prepare_fn(dataclasses.replace(config.rlvr, reuse_sampler_logps=False))
+    recompute = STAGE.build_prepare(setup, dataclasses.replace(config.rlvr, reuse_sampler_logps=False))
     batch, _ = recompute({POLICY: (policy.params, policy.model_state)}, setup.frozen, *args, _)
     args.append(batch.old_logps[:, shape.prompt_width:])
     holder = {"state": setup.state}

@@ -113,20 +113,12 @@ def test_the_samplers_old_log_probs_equal_a_recomputing_forward_pass():
     the same program with `rlvr.reuse_sampler_logps: false` recomputes them with a full forward over prompt +
     response. Every field of the two batches agrees (old log-probs to 1e-5 on every response position), so the
     PPO ratio starts at 1 and the update is the gradient of the distribution that was sampled either way."""
-    from tulu_jax.rl.ppo_step import build_prepare_fn
-    from tulu_jax.train import shardings_of
-
     loop, _ = loop_and_initial()
     assert loop.rl.old_logps_from_sampler
     state = fresh_state()
     out, _, scores, _ = loop.rollouts(state, 0)
     models = {name: (m.params, m.model_state) for name, m in state.models.items()}
-    shardings = shardings_of(state)
-    recompute = build_prepare_fn(
-        state.models[POLICY].graphdef, state.models[VALUE].graphdef,
-        dataclasses.replace(loop.rl, reuse_sampler_logps=False),
-        model_shardings={name: (s.params, s.model_state) for name, s in shardings.models.items()},
-        frozen_shardings=shardings_of(loop.setup.frozen), batch_sharding=loop.rollout.batch_sharding)
+    recompute = STAGE.build_prepare(loop.setup, dataclasses.replace(loop.rl, reuse_sampler_logps=False))
     args = (models, loop.setup.frozen, out.prompt_ids, out.prompt_mask, out.tokens, out.lengths, out.finished,
             scores, out.logprobs)
     (reused, reused_metrics), (recomputed, recomputed_metrics) = jax.device_get((loop.prepare(*args),

@@ -12,13 +12,11 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
-from tulu_jax.rl.ppo_step import POLICY, VALUE, build_prepare_fn, rollout_layout
+from tulu_jax.rl.ppo_step import POLICY, VALUE, rollout_layout
 from tulu_jax.sharding import load_sharding, make_mesh
 from tulu_jax.stages.rlvr import STAGE, RLVRConfig
 from tulu_jax.stages.sections import load_stage_config
-from tulu_jax.train import shardings_of
 
 B, P, N = 8, 16, 8
 
@@ -51,12 +49,8 @@ def prepare_and_step(sharding_file: str, *overrides: str):
     mesh = make_mesh(spec, jax.devices()[:1] if sharding_file.endswith("cpu-1.yaml") else None)
     cfg = config(*overrides)
     setup = STAGE.setup(cfg, (spec, mesh))
-    shardings = shardings_of(setup.state)
     batch_sharding = STAGE.batch_shardings(setup).tokens
-    prepare = build_prepare_fn(
-        setup.state.models[POLICY].graphdef, setup.state.models[VALUE].graphdef, cfg.rlvr,
-        model_shardings={k: (s.params, s.model_state) for k, s in shardings.models.items()},
-        frozen_shardings=shardings_of(setup.frozen), batch_sharding=batch_sharding)
+    prepare = STAGE.build_prepare(setup)
     models = {k: (m.params, m.model_state) for k, m in setup.state.models.items()}
     batch, prepare_metrics = prepare(models, setup.frozen, *host_rollout(setup.model_config.vocab_size))
     step = STAGE.build_step(setup)
@@ -134,11 +128,7 @@ def grpo_prepare_and_step(share_prompts: bool):
                  "train.grad_accum_steps=2", f"rlvr.share_prompts={str(share_prompts).lower()}")
     setup = STAGE.setup(cfg, (spec, make_mesh(spec)))
     assert set(setup.state.models) == {POLICY} and cfg.rlvr.prompt_group == (4 if share_prompts else 1)
-    shardings = shardings_of(setup.state)
-    prepare = build_prepare_fn(
-        setup.state.models[POLICY].graphdef, None, cfg.rlvr,
-        model_shardings={POLICY: (shardings.models[POLICY].params, shardings.models[POLICY].model_state)},
-        frozen_shardings=shardings_of(setup.frozen), batch_sharding=STAGE.batch_shardings(setup).tokens)
+    prepare = STAGE.build_prepare(setup)
     *rollout, _, logprobs = host_rollout(setup.model_config.vocab_size, rows=16, group=4,
                                          width=cfg.rlvr.response_width)
     policy = setup.state.models[POLICY]
@@ -187,11 +177,7 @@ def test_a_poisoned_minibatch_leaves_each_poisoned_member_and_its_optimizer_unch
     spec = load_sharding("sharding/cpu-1.yaml")
     cfg = config("rlvr.num_minibatches=1")
     setup = STAGE.setup(cfg, (spec, make_mesh(spec, jax.devices()[:1])))
-    shardings = shardings_of(setup.state)
-    prepare = build_prepare_fn(
-        setup.state.models[POLICY].graphdef, setup.state.models[VALUE].graphdef, cfg.rlvr,
-        model_shardings={k: (s.params, s.model_state) for k, s in shardings.models.items()},
-        frozen_shardings=shardings_of(setup.frozen), batch_sharding=STAGE.batch_shardings(setup).tokens)
+    prepare = STAGE.build_prepare(setup)
     models = {k: (m.params, m.model_state) for k, m in setup.state.models.items()}
     batch, _ = prepare(models, setup.frozen, *host_rollout(setup.model_config.vocab_size))
     step = STAGE.build_step(setup)

@@ -192,8 +192,13 @@ class Decoder(nnx.Module):
         """float32 [B, T] log-probs of `targets` [B, T] (and the entropies with `entropy`), the same numbers as
         log_softmax(self(...))[targets], computed `config.logits_chunk_size` positions at a time so that no
         full-sequence float32 logits exist in the forward or the backward pass (see models/lm_head.py)."""
-        cfg = self.config
         hidden = self.hidden(input_ids, attention_mask, positions=positions, segment_ids=segment_ids)
+        return self._head_logps(hidden, targets, entropy)
+
+    def _head_logps(self, hidden: jax.Array, targets: jax.Array,
+                    entropy: bool) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """Log-probs of `targets` (and entropies) under the LM head from final hidden states, chunked."""
+        cfg = self.config
         weight = self.embed[...] if cfg.tie_word_embeddings else self.unembed[...]
         return chunked_token_logps(hidden, weight, targets, chunk_size=cfg.logits_chunk_size,
                                    vocab_first=cfg.tie_word_embeddings, compute_dtype=cfg.compute_dtype,
@@ -256,10 +261,7 @@ class Decoder(nnx.Module):
         # Response token j is predicted from the prompt's last position (j = 0) or response position j − 1.
         predicting = jnp.concatenate([jnp.repeat(h_prompt[:, -1:], g, axis=0), h_response[:, :-1]], axis=1)
         hidden = _norm(cfg, constrain(predicting, HIDDEN), self.final_norm[...].astype(cfg.compute_dtype))
-        weight = self.embed[...] if cfg.tie_word_embeddings else self.unembed[...]
-        return chunked_token_logps(hidden, weight, input_ids[:, p:], chunk_size=cfg.logits_chunk_size,
-                                   vocab_first=cfg.tie_word_embeddings, compute_dtype=cfg.compute_dtype,
-                                   softcap=cfg.final_logit_softcap, entropy=entropy)
+        return self._head_logps(hidden, input_ids[:, p:], entropy)
 
     def hidden(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:

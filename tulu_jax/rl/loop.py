@@ -38,11 +38,11 @@ from tulu_jax.data.rows import Row, mix_sources
 from tulu_jax.data.sft import tokenize_prompt
 from tulu_jax.errors import DataError
 from tulu_jax.models.sampler import bucket_length, prepare_prompts
-from tulu_jax.rl.ppo_step import POLICY, VALUE, build_prepare_fn, build_select_rows
-from tulu_jax.rl.rewards import groups_with_spread_first, sequence_scores
+from tulu_jax.rl.ppo_step import POLICY, VALUE, build_select_rows
+from tulu_jax.rl.rewards import groups_with_spread_first, rows_of_groups, sequence_scores
 from tulu_jax.rl.rollout import Rollout, RolloutOutput, local_rows, place_process_rows, process_rows
 from tulu_jax.rl.verifiers.batch import score_batch
-from tulu_jax.stages.rlvr import rollout_prompts
+from tulu_jax.stages.rlvr import STAGE, rollout_prompts
 from tulu_jax.stages.training import StageSetup
 from tulu_jax.train import Checkpointer, MetricsWriter, shardings_of
 from tulu_jax.train.guard import SKIPPED_METRIC, NonfiniteCounter
@@ -108,11 +108,7 @@ class RLVRLoop:
         policy = setup.state.models[POLICY]
         self.rollout = Rollout(policy.graphdef, shardings.models[POLICY], setup.mesh, setup.spec,
                                max_new_tokens=self.rl.max_new_tokens, temperature=self.rl.temperature)
-        value = setup.state.models.get(VALUE)
-        self.prepare = build_prepare_fn(
-            policy.graphdef, None if value is None else value.graphdef, self.rl,
-            model_shardings={name: (s.params, s.model_state) for name, s in shardings.models.items()},
-            frozen_shardings=shardings_of(setup.frozen), batch_sharding=self.rollout.batch_sharding)
+        self.prepare = STAGE.build_prepare(setup)
         self.select = build_select_rows(batch_shardings)
         self.replicate = jax.jit(lambda x: x, out_shardings=self.rollout.replicated)
         # Chunks' rollouts into one, field by field, laid out directly where the whole rollout lives.
@@ -237,9 +233,9 @@ class RLVRLoop:
         all_metrics = []
         for epoch in range(self.rl.ppo_epochs):
             groups = np.random.default_rng([self.setup.config.train.seed, iteration, epoch]).permutation(size // group)
-            order = (groups[:, None] * group + np.arange(group)).reshape(-1)
+            order = rows_of_groups(groups, group)
             for k in range(self.rl.num_minibatches):
-                rows = jax.device_put(order[k * per_minibatch:(k + 1) * per_minibatch].astype(np.int32),
+                rows = jax.device_put(order[k * per_minibatch:(k + 1) * per_minibatch],
                                       self.rollout.replicated)
                 state, metrics = self.step(state, self.select(batch, rows), self.setup.frozen)
                 all_metrics.append(metrics)

@@ -111,5 +111,9 @@ def groups_with_spread_first(scores: np.ndarray, group_size: int, num_groups: in
     if num_groups > len(spread):
         raise ValueError(f"cannot keep {num_groups} groups of a rollout with {len(spread)}")
     order = np.concatenate([np.flatnonzero(spread), np.flatnonzero(~spread)])[:num_groups]
-    rows = (order[:, None] * group_size + np.arange(group_size)).reshape(-1).astype(np.int32)
-    return rows, int(spread.sum())
+    return rows_of_groups(order, group_size), int(spread.sum())
+
+
+def rows_of_groups(groups: np.ndarray, group_size: int) -> np.ndarray:
+    """int32 row indices of the given groups of `group_size` consecutive rows, in the groups' order."""
+    return (np.asarray(groups)[:, None] * group_size + np.arange(group_size)).reshape(-1).astype(np.int32)

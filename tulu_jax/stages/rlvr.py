@@ -34,7 +34,7 @@ from jax.sharding import Mesh
 
 from tulu_jax.errors import ConfigError
 from tulu_jax.models.reward import RewardModel, check_value_model_matches, reward_model_from_decoder
-from tulu_jax.rl.ppo_step import POLICY, REFERENCE, VALUE, RLVRSection, build_ppo_step
+from tulu_jax.rl.ppo_step import POLICY, REFERENCE, VALUE, RLVRSection, build_ppo_step, build_prepare_fn
 from tulu_jax.sharding import ShardingSpec
 from tulu_jax.stages import sections
 from tulu_jax.stages.paths import resolve_path
@@ -243,6 +243,18 @@ class RLVRStage(TrainingStage):
                                                           sharding=getattr(shardings, name))
                                for name in RolloutBatch.__dataclass_fields__})
 
+    def build_prepare(self, setup: StageSetup, rl: RLVRSection | None = None) -> Any:
+        """`build_prepare_fn` (the rollout → `RolloutBatch` program) on the setup's states and batch layout, for
+        the config's RLVR section or another `rl` (e.g. the same with the old log-probs recomputed)."""
+        rl = rl or setup.config.rlvr
+        state = setup.state
+        shardings = shardings_of(state)
+        value = state.models.get(VALUE)
+        return build_prepare_fn(
+            state.models[POLICY].graphdef, None if value is None else value.graphdef, rl,
+            model_shardings={name: (s.params, s.model_state) for name, s in shardings.models.items()},
+            frozen_shardings=shardings_of(setup.frozen), batch_sharding=self.batch_shardings(setup).tokens)
+
     def build_step(self, setup: StageSetup) -> Step:
         """`build_ppo_step` with the setup's states, shardings and accumulation."""
         config = setup.config
@@ -273,9 +285,9 @@ class RLVRStage(TrainingStage):
         return (
             f"rlvr {rl.algorithm} step (β={rl.kl_coef}, clip {rl.clip}, {value}, frozen reference): rollout batch "
             f"{config.train.global_batch_size} sequences{sampled} × ({config.data.max_seq_len} prompt + "
-            f"{rl.max_new_tokens} response) tokens{shared}, {rl.ppo_epochs} epochs × {rl.num_minibatches} minibatches of "
-            f"{minibatch_size(config)}, {setup.grad_accum} micro-batches each; model {model.architecture} hidden "
-            f"{model.hidden_size} × {model.num_layers} layers, params {model.param_dtype}, compute "
+            f"{rl.max_new_tokens} response) tokens{shared}, {rl.ppo_epochs} epochs × {rl.num_minibatches} "
+            f"minibatches of {minibatch_size(config)}, {setup.grad_accum} micro-batches each; model "
+            f"{model.architecture} hidden {model.hidden_size} × {model.num_layers} layers, params {model.param_dtype}, compute "
             f"{model.compute_dtype}; the rollout sampler (with its KV cache) and the rollout → batch program "
             "(reference, old log-probs, values) are separate programs, not in this step"
         )
