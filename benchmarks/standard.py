@@ -8,9 +8,9 @@ Parts (workload in benchmarks/workload.py; one CPU device, no sharding):
   padded rows or two 256-token rows packed per sequence;
 - dpo / dpo_two: `tulu_jax.stages.dpo.build_dpo_step` (what `tulu-jax dpo` runs), dpo_norm β 5 with cached
   reference log-probs from `tulu_jax.stages.reference`, one concatenated forward or two forwards;
-- gen: `tulu_jax.models.sampler.generate`, greedy, no stop id, no log-probs (nothing asks for them), 8 prompts × 128 tokens + 128 new tokens; also the
-  prefill alone, the decode step's time and the fraction of the measured memory bandwidth it reaches (bytes per
-  decode step = every matmul weight + the whole KV cache, float32).
+- gen: `tulu_jax.models.sampler.generate`, greedy, no stop id, no log-probs (nothing asks for them), 8 prompts ×
+  128 tokens + 128 new tokens; also the prefill alone, the decode step's time and the fraction of the measured
+  memory bandwidth it reaches (bytes per decode step = every matmul weight + the whole KV cache, float32).
 Per part: step_s_median, step_s_all, tokens_per_s, achieved_gflops (gen: gen_s_median, gen_s_all,
 new_tokens_per_s), mfu = achieved / the float32 matmul rate XLA reaches in this process (`ceiling`); top level:
 peak_rss_gib. `--tiny` runs the same code on a tiny model (a smoke test; its figures mean nothing).
@@ -99,7 +99,8 @@ def run_step(compiled: Any, state: Any, batch: Any, w: Workload, args: argparse.
     return timed(call, args.warmup, args.steps), holder["loss"]
 
 
-def part_sft(w: Workload, args: argparse.Namespace, packed: bool = False) -> dict[str, Any]:
+def build_sft(w: Workload, packed: bool = False) -> tuple[Any, Any, Any, float]:
+    """The compiled SFT train step on the standard SFT batch: (compiled, state, batch, compile seconds)."""
     import jax
     import numpy as np
 
@@ -121,10 +122,15 @@ def part_sft(w: Workload, args: argparse.Namespace, packed: bool = False) -> dic
     step = build_sft_step(state.graphdef, optimizer, state_shardings=shardings_of(state), batch_sharding=sharding)
     start = time.perf_counter()
     compiled = step.lower(state, batch, None).compile()
-    compile_s = time.perf_counter() - start
+    return compiled, state, batch, time.perf_counter() - start
+
+
+def part_sft(w: Workload, args: argparse.Namespace, packed: bool = False) -> dict[str, Any]:
+    compiled, state, batch, compile_s = build_sft(w, packed)
     times, loss = run_step(compiled, state, batch, w, args)
     out = summary(times, w.sft_batch * w.sft_seq, w.sft_step_flops(), args.ceiling)
-    out.update(compile_s=compile_s, loss_last=loss, impl="stages.sft.build_sft_step " + ("packed" if packed else "padded"))
+    out.update(compile_s=compile_s, loss_last=loss,
+               impl="stages.sft.build_sft_step " + ("packed" if packed else "padded"))
     return out
 
 
@@ -132,7 +138,9 @@ def part_sft_packed(w: Workload, args: argparse.Namespace) -> dict[str, Any]:
     return part_sft(w, args, packed=True)
 
 
-def part_dpo(w: Workload, args: argparse.Namespace, concat: bool = True) -> dict[str, Any]:
+def build_dpo(w: Workload, concat: bool = True) -> tuple[Any, Any, Any, float, float]:
+    """The compiled DPO train step (dpo_norm, cached reference log-probs) on the standard pairs:
+    (compiled, state, batch, compile seconds, reference precompute seconds)."""
     import jax
 
     from tulu_jax.data.preference_batching import make_pair_batches
@@ -158,8 +166,13 @@ def part_dpo(w: Workload, args: argparse.Namespace, concat: bool = True) -> dict
                           batch_shardings=shardings)
     start = time.perf_counter()
     compiled = step.lower(state, batch, None).compile()
-    compile_s = time.perf_counter() - start
+    return compiled, state, batch, time.perf_counter() - start, ref_s
+
+
+def part_dpo(w: Workload, args: argparse.Namespace, concat: bool = True) -> dict[str, Any]:
+    compiled, state, batch, compile_s, ref_s = build_dpo(w, concat)
     times, loss = run_step(compiled, state, batch, w, args)
+    seq = w.dpo_prompt + w.dpo_response
     out = summary(times, 2 * w.dpo_pairs * seq, w.dpo_step_flops(), args.ceiling)
     out.update(compile_s=compile_s, ref_precompute_s=ref_s, loss_last=loss,
                impl="stages.dpo.build_dpo_step dpo_norm " + ("concat" if concat else "two forwards"))

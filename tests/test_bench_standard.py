@@ -34,3 +34,21 @@ def test_standard_rejects_an_unknown_part() -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "standard.py"), "--parts", "sft,nope"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and "nope" in proc.stderr
+
+
+def test_profile_step_tiny_reads_the_trace_back() -> None:
+    env = {**os.environ, "XLA_FLAGS": ""}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--tiny", "--parts", "sft"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sft = json.loads(proc.stdout.strip().splitlines()[-1])["sft"]
+    assert 0 < sft["matmul_wall_s"] <= sft["any_op_wall_s"] <= sft["step_wall_s"]
+    assert sft["thread_s_by_op"] and sft["matmul_bound_tokens_per_s"] >= sft["tokens_per_s"]
+
+
+def test_interval_union_counts_overlaps_once() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from profile_step import interval_union
+
+    assert interval_union([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == 4
+    assert interval_union([]) == 0

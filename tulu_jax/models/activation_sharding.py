@@ -71,6 +71,13 @@ def active_sharding() -> tuple[Mesh, Rules] | None:
     return _ACTIVE.get()
 
 
+def traced_platform() -> str:
+    """Where the step being traced runs: the active mesh's devices (a TPU topology from a CPU host), else JAX's
+    default backend."""
+    active = active_sharding()
+    return active[0].devices.flat[0].platform if active is not None else jax.default_backend()
+
+
 def activation_spec(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mesh,
                     rules: Rules) -> PartitionSpec:
     """The PartitionSpec of an activation; a dimension its mesh axes do not divide stays whole (replicated)."""

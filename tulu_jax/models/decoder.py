@@ -19,6 +19,7 @@ from tulu_jax.models.activation_sharding import constrain
 from tulu_jax.models.attention import attend, cache_mask, segment_causal_mask
 from tulu_jax.models.config import ModelConfig
 from tulu_jax.models.fused_attention import layer_attend
+from tulu_jax.models.dense import weight_einsum
 from tulu_jax.models.lm_head import chunked_token_logps
 from tulu_jax.models.layer_pattern import LayerInputs, sliding_flags
 from tulu_jax.models.rope import apply_rope
@@ -135,9 +136,10 @@ def _block(config: ModelConfig, p: dict[str, jax.Array], h: jax.Array, cos: jax.
         return constrain(jnp.einsum("btnd,ndh->bth", constrain(attn, Q_HEADS), w["o_proj"]), HIDDEN), aux
 
     def mlp(x: jax.Array) -> tuple[jax.Array, None]:
-        gate = x @ w["gate_proj"]
+        gate = weight_einsum("bth,hi->bti", x, w["gate_proj"])
         gate = jax.nn.silu(gate) if config.hidden_act == "silu" else jax.nn.gelu(gate, approximate=True)  # GeGLU
-        return constrain(constrain(gate * (x @ w["up_proj"]), MLP) @ w["down_proj"], HIDDEN), None
+        hidden = constrain(gate * weight_einsum("bth,hi->bti", x, w["up_proj"]), MLP)
+        return constrain(weight_einsum("bti,ih->bth", hidden, w["down_proj"]), HIDDEN), None
 
     h, aux = _residual(config, w, constrain(h, HIDDEN), "attn_norm", "post_attn_norm", attention)
     h, _ = _residual(config, w, constrain(h, HIDDEN), "mlp_norm", "post_mlp_norm", mlp)

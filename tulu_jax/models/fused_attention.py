@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from tulu_jax.errors import ConfigError
-from tulu_jax.models.activation_sharding import active_sharding, activation_spec
+from tulu_jax.models.activation_sharding import active_sharding, activation_spec, traced_platform
 from tulu_jax.models.attention import attend
 from tulu_jax.models.config import ModelConfig
 
@@ -33,17 +33,11 @@ _BLOCK = 512  # splash tile along the query and key axes (at most the sequence l
 _LANES = 128  # the kernel's tiles are multiples of the TPU's 128 lanes
 
 
-def _platform() -> str:
-    """Where the traced step runs: the active mesh's devices (a TPU topology from a CPU host), else the default."""
-    active = active_sharding()
-    return active[0].devices.flat[0].platform if active is not None else jax.default_backend()
-
-
 def resolve_attention(choice: str) -> Implementation:
     """The implementation `choice` means here: `auto` → splash on TPU, cudnn on GPU, einsum elsewhere."""
     if choice != "auto":
         return choice  # type: ignore[return-value]
-    return {"tpu": "splash", "gpu": "cudnn"}.get(_platform(), "einsum")  # type: ignore[return-value]
+    return {"tpu": "splash", "gpu": "cudnn"}.get(traced_platform(), "einsum")  # type: ignore[return-value]
 
 
 def _splash_kernel(length: int, group: int, window: int | None, softcap: float | None, interpret: bool) -> Callable:
@@ -110,7 +104,7 @@ def fused_attend(implementation: Implementation, q: jax.Array, k: jax.Array, v: 
     """One training-forward attention (self-attention over the whole rows) with `implementation`: `mask` [B,T,T]
     is the einsum / cudnn mask (window included), segment_ids [B,T] and `window` describe it to the kernel."""
     if implementation == "splash":
-        interpret = _platform() != "tpu"
+        interpret = traced_platform() != "tpu"
         return _sharded(lambda *a: splash_attend(*a, window=window, softcap=softcap, interpret=interpret),
                         q, k, v, segment_ids)
     if implementation == "cudnn" and softcap is None:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from tulu_jax.models.activation_sharding import constrain
+from tulu_jax.models.dense import weight_einsum
 
 
 def _chunk_logps(hidden: jax.Array, weight: jax.Array, targets: jax.Array, *, vocab_first: bool, dtype: str,
@@ -20,7 +21,7 @@ def _chunk_logps(hidden: jax.Array, weight: jax.Array, targets: jax.Array, *, vo
     """One chunk: hidden [B, C, H], targets [B, C] → (log-probs [B, C], entropies [B, C] or None), float32."""
     spec = "bch,vh->bcv" if vocab_first else "bch,hv->bcv"
     # The weight is cast here, inside the chunk, so its gradient accumulates over chunks in the parameter dtype.
-    logits = jnp.einsum(spec, hidden.astype(dtype), weight.astype(dtype), preferred_element_type=jnp.float32)
+    logits = weight_einsum(spec, hidden.astype(dtype), weight.astype(dtype), preferred_element_type=jnp.float32)
     if softcap is not None:  # Gemma 2: cap · tanh(logits / cap), the logits the model's distribution is over
         logits = softcap * jnp.tanh(logits / softcap)
     logits = constrain(logits, ("batch", "length", "act_vocab"))
