@@ -52,3 +52,12 @@ def test_interval_union_counts_overlaps_once() -> None:
 
     assert interval_union([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == 4
     assert interval_union([]) == 0
+
+
+def test_decode_matmuls_tiny_prints_a_rate_per_row_count() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_matmuls.py"), "--tiny", "--rows", "2,4"],
+                          capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""}, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for rows in ("rows_2", "rows_4"):
+        assert out[rows]["ms_per_step"] > 0 and out[rows]["weight_bytes"] > 0 and out[rows]["gflops"] > 0

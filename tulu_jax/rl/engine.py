@@ -6,7 +6,8 @@ S = prompt_width + max_new_tokens: a row's prompt sits left-padded in slots [0, 
 generated token's key/value at prompt_width + t. Two jitted programs do all the device work:
 
 - `admit`: prefills a batch of new prompts (each GRPO group's prompt ONCE, at the bucket of the longest prompt
-  of the batch: prompt-length buckets), copies each prefilled prompt's keys/values into the G slots of its
+  of the batch: prompt-length buckets; prompts are admitted shortest first, so a batch's prompts have similar
+  lengths), copies each prefilled prompt's keys/values into the G slots of its
   group (shared prompt KV), resets those slots' key masks and outputs, and samples their first tokens;
 - `decode`: up to `refill_every` decode steps (`Decoder.decode_rows`: each row writes its own cache slot) in a
   while loop that exits early once every slot is done. A decode step reads every cache slot it attends to, so it
@@ -205,7 +206,9 @@ class RolloutEngine:
         if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
             rng = jax.random.wrap_key_data(rng)  # a raw uint32 key: the same stream as the typed one
         s = self.empty_state(rng)
-        pending = collections.deque(range(len(rows)))
+        # Admit prompts shortest first: each admit batch then holds prompts of similar length, so its prefill
+        # bucket wastes little on padding (the outputs do not depend on the order: keys follow the sequence id).
+        pending = collections.deque(sorted(range(len(rows)), key=lambda i: rows[i].size))
         owner = np.full((self.slots,), -1)  # sequence id held by each slot
         t = np.zeros((self.slots,), np.int32)  # tokens generated per slot, as of the last decode call
         refills = steps = 0
