@@ -6,8 +6,9 @@ that dot; but when x has other users that need it as it is (the forward matmul, 
 assignment keeps one layout and the weight gradient falls back to a generic dot at about half the speed. In the
 standard SFT step those are the LM head's and the MLPs' weight gradients, a quarter of the step's FLOPs; the LM head's
 alone took 1.5 s of an 11.5 s step (`benchmarks/profile_step.py`). `weight_einsum` computes the same values and
-gradients with JAX's own rules, but hands the weight-gradient dot its own copy of x (an optimization barrier), which
-XLA then lays out for the fast library with one cheap transpose. Other backends lay dots out freely: there it is the
+gradients (each gradient is the einsum of the other two operands, accumulated in float32), but hands the
+weight-gradient dot its own copy of x (an optimization barrier), which XLA then lays out for the fast library with
+one cheap transpose. Other backends lay dots out freely: there it is the
 plain einsum, so remat policies and fusions see what they always saw.
 """
 
